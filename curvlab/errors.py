@@ -34,3 +34,7 @@ def where(path: object = None, step: object = None, layer: object = None) -> str
     if layer is not None:
         parts.append(f"layer {layer}")
     return ": ".join(parts)
+
+
+class OptionError(CurvlabError, ValueError):
+    """A bad option value (e.g. a ``--layers`` glob that matches nothing, an unknown device)."""

@@ -1,0 +1,1 @@
+"""One script per appendix figure, driven by ``make figures``."""

@@ -1,0 +1,1 @@
+"""Benchmarks: curvlab against peers and baselines on the same work, in one process, as ratios."""

@@ -1,0 +1,20 @@
+"""``make bench``: run every benchmark and print its summary line."""
+
+from __future__ import annotations
+
+import sys
+
+from benchmarks import factor_capture
+
+BENCHMARKS = [factor_capture]
+
+
+def main() -> int:
+    for bench in BENCHMARKS:
+        summary = bench.run()
+        print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""``python -m curvlab``: the command line (also what ``torchrun -m curvlab`` starts)."""
+
+import sys
+
+from curvlab.cli import main
+
+sys.exit(main())

@@ -1,0 +1,294 @@
+"""Model registry: build the image classifiers of seed F.2 by name, from ``--model-arg key=value``.
+
+Every model takes inputs ``(N, C, H, W)`` and returns logits ``(N, num_classes)``;
+``input_shape`` is ``(C, H, W)``. Models are built deterministically under ``torch.manual_seed``,
+use only ``nn.Conv2d`` (``groups=1``) and ``nn.Linear`` weight layers (no batch norm, no dropout),
+and keep readable module paths (``conv1``, ``blocks.0.conv1``, ``fc``) that become HDF5 layer names.
+See ``docs/models.md``.
+
+A model's full description is its *config* (:func:`model_config`), a JSON-serialisable dict
+``{"name", "input_shape", "num_classes", "args"}`` with every argument filled in;
+:func:`build_from_config` is its inverse (used to rebuild a model from a checkpoint's ``/model``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from curvlab.errors import ModelError
+from curvlab.models import mlp, resnet8, simple_cnn
+
+__all__ = [
+    "available_models",
+    "build_from_config",
+    "build_model",
+    "model_config",
+    "model_descriptions",
+    "parse_model_args",
+]
+
+_Check = Callable[[dict[str, Any]], str | None]
+_InputCheck = Callable[[Sequence[int]], str | None]
+
+
+@dataclass(frozen=True)
+class _ModelSpec:
+    """A registered model: its builder, its argument defaults and its extra checks."""
+
+    builder: Callable[..., nn.Module]
+    defaults: Mapping[str, Any]
+    description: str
+    validate: _Check | None = None
+    check_input: _InputCheck | None = None
+    allow_empty: frozenset[str] = field(default_factory=frozenset)
+
+
+_REGISTRY: dict[str, _ModelSpec] = {
+    "mlp": _ModelSpec(
+        builder=mlp.build,
+        defaults=mlp.DEFAULTS,
+        description="flatten, Linear+ReLU hidden layers (widths), Linear classifier",
+        allow_empty=frozenset({"widths"}),
+    ),
+    "simple_cnn": _ModelSpec(
+        builder=simple_cnn.build,
+        defaults=simple_cnn.DEFAULTS,
+        description="2 x (5x5 conv, ReLU, 2x2 max-pool), 1 hidden Linear, classifier (seed F.2)",
+        validate=lambda args: _length_check(args, "channels", 2),
+        check_input=simple_cnn.check_input,
+    ),
+    "resnet8": _ModelSpec(
+        builder=resnet8.build,
+        defaults=resnet8.DEFAULTS,
+        description="7 3x3 convs with residual connections, no batch norm, Linear (seed F.2)",
+        validate=resnet8.validate,
+    ),
+}
+
+
+def available_models() -> list[str]:
+    """The registered model names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def model_descriptions() -> dict[str, str]:
+    """One-line description of each model, with its default arguments (for ``--help``)."""
+    out = {}
+    for name in available_models():
+        spec = _REGISTRY[name]
+        defaults = ", ".join(f"{k}={_format_value(v)}" for k, v in spec.defaults.items())
+        out[name] = f"{spec.description} [{defaults}]"
+    return out
+
+
+# --------------------------------------------------------------------------- --model-arg parsing
+
+
+def parse_model_args(items: Sequence[str]) -> dict[str, Any]:
+    """Parse repeatable ``--model-arg key=value`` items into a dict.
+
+    A value is read as a bool (``true``/``false``, any case), an int, a float, a comma-separated
+    list of ints (``"64,32"`` -> ``[64, 32]``) or of numbers (floats if any entry is not an int),
+    else kept as a string. An item without ``=``, with an empty or non-identifier key, or a key
+    given twice raises :class:`ModelError`.
+    """
+    args: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ModelError(f"--model-arg {item!r}: expected key=value")
+        if not key.isidentifier():
+            raise ModelError(f"--model-arg {item!r}: {key!r} is not a valid argument name")
+        if key in args:
+            raise ModelError(f"--model-arg {item!r}: argument {key!r} given twice")
+        args[key] = _parse_value(raw.strip())
+    return args
+
+
+def _parse_scalar(text: str) -> int | float | None:
+    """``text`` as an int or a finite float, else ``None``."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _parse_value(text: str) -> Any:
+    """One ``--model-arg`` value: bool, int, float, list of numbers, else the string itself."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if "," not in text:
+        scalar = _parse_scalar(text)
+        return text if scalar is None else scalar
+    parts = [_parse_scalar(part.strip()) for part in text.split(",")]
+    if any(part is None for part in parts):
+        return text
+    if all(isinstance(part, int) for part in parts):
+        return parts
+    return [float(part) for part in parts]
+
+
+def _format_value(value: Any) -> str:
+    """A value as it would be written on the command line."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _spec(name: str) -> _ModelSpec:
+    """The registered model ``name``, or :class:`ModelError` listing the valid names."""
+    if not isinstance(name, str) or name not in _REGISTRY:
+        valid = ", ".join(available_models())
+        raise ModelError(f"unknown model {name!r} (valid models: {valid})")
+    return _REGISTRY[name]
+
+
+def _positive_int(value: Any) -> bool:
+    """True for a positive integer (a Python or numpy integer, not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+
+
+def _coerce(name: str, key: str, value: Any, default: Any, allow_empty: bool) -> Any:
+    """``value`` checked and converted to the type of ``default`` (bool, positive int, int list)."""
+    bad = f"model {name!r}: argument {key!r}"
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ModelError(f"{bad} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if not _positive_int(value):
+            raise ModelError(f"{bad} must be a positive integer, got {value!r}")
+        return int(value)
+    if isinstance(default, list):
+        if _positive_int(value):
+            value = [value]
+        elif value == "" and allow_empty:
+            value = []
+        if not isinstance(value, list | tuple) or not all(_positive_int(v) for v in value):
+            raise ModelError(
+                f"{bad} must be a comma-separated list of positive integers, got {value!r}"
+            )
+        if not value and not allow_empty:
+            raise ModelError(f"{bad} must not be empty")
+        return [int(v) for v in value]
+    raise AssertionError(f"unsupported default type for {name}.{key}")  # pragma: no cover
+
+
+def _resolve_args(name: str, args: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The model's arguments with defaults filled in, every value checked."""
+    spec = _spec(name)
+    args = dict(args or {})
+    unknown = sorted(set(args) - set(spec.defaults))
+    if unknown:
+        valid = ", ".join(sorted(spec.defaults))
+        raise ModelError(
+            f"model {name!r}: unknown argument(s) {', '.join(map(repr, unknown))} (valid: {valid})"
+        )
+    resolved = {}
+    for key, default in spec.defaults.items():
+        value = args.get(key, default)
+        resolved[key] = _coerce(name, key, value, default, key in spec.allow_empty)
+    problem = spec.validate(resolved) if spec.validate else None
+    if problem:
+        raise ModelError(f"model {name!r}: {problem}")
+    return resolved
+
+
+def _length_check(args: Mapping[str, Any], key: str, length: int) -> str | None:
+    """``None`` if ``args[key]`` has ``length`` entries, else why not."""
+    if len(args[key]) != length:
+        return f"{key} must have {length} entries, got {args[key]}"
+    return None
+
+
+def _resolve_shape(name: str, input_shape: Sequence[int], num_classes: int) -> tuple[int, ...]:
+    """``input_shape`` as a tuple ``(C, H, W)`` of positive ints; checks ``num_classes`` too."""
+    try:
+        shape = tuple(input_shape)
+    except TypeError:
+        shape = ()
+    if len(shape) != 3 or not all(_positive_int(v) for v in shape):
+        raise ModelError(
+            f"model {name!r}: input_shape must be (C, H, W) positive integers, got {input_shape!r}"
+        )
+    if not _positive_int(num_classes):
+        raise ModelError(
+            f"model {name!r}: num_classes must be a positive integer, got {num_classes!r}"
+        )
+    shape = tuple(int(v) for v in shape)
+    check = _spec(name).check_input
+    problem = check(shape) if check else None
+    if problem:
+        raise ModelError(f"model {name!r}: {problem}")
+    return shape
+
+
+# --------------------------------------------------------------------------- public builders
+
+
+def model_config(
+    name: str,
+    input_shape: Sequence[int],
+    num_classes: int,
+    args: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON-serialisable config ``{"name", "input_shape", "num_classes", "args"}`` of a model.
+
+    Every argument is present (defaults filled in), lists are plain lists; raises
+    :class:`ModelError` for an unknown model, an unknown argument or an invalid value.
+    """
+    _spec(name)
+    shape = _resolve_shape(name, input_shape, num_classes)
+    return {
+        "name": name,
+        "input_shape": list(shape),
+        "num_classes": int(num_classes),
+        "args": _resolve_args(name, args),
+    }
+
+
+def build_model(
+    name: str,
+    input_shape: Sequence[int],
+    num_classes: int,
+    args: Mapping[str, Any] | None = None,
+) -> nn.Module:
+    """Build model ``name`` for inputs ``(N, *input_shape)`` and ``num_classes`` logits.
+
+    ``args`` are the model's arguments (e.g. from :func:`parse_model_args`); missing ones take their
+    defaults. Unknown model names, unknown arguments and invalid values raise :class:`ModelError`
+    listing the valid names/keys. Parameters are drawn from torch's global RNG, so
+    ``torch.manual_seed(s)`` before the call makes the model reproducible.
+    """
+    config = model_config(name, input_shape, num_classes, args)
+    return _REGISTRY[name].builder(tuple(config["input_shape"]), num_classes, **config["args"])
+
+
+def build_from_config(config: Mapping[str, Any]) -> nn.Module:
+    """Rebuild the model described by :func:`model_config`'s output (e.g. from a checkpoint)."""
+    if not isinstance(config, Mapping):
+        raise ModelError(f"model config must be a mapping, got {type(config).__name__}")
+    missing = [key for key in ("name", "input_shape", "num_classes") if key not in config]
+    if missing:
+        raise ModelError(f"model config is missing {', '.join(missing)} (has: {sorted(config)})")
+    args = config.get("args") or {}
+    if not isinstance(args, Mapping):
+        raise ModelError(f"model config: args must be a mapping, got {type(args).__name__}")
+    return build_model(config["name"], config["input_shape"], config["num_classes"], args)
