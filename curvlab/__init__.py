@@ -2,11 +2,29 @@
 
 K-FAC factor capture (:func:`collect_factors`), the HDF5 factor checkpoint (:func:`save_factors`,
 :func:`load`), and the per-layer math they share (:mod:`curvlab.layers`).
+
+The top-level names are imported lazily, so ``import curvlab.checkpoint`` (h5py and numpy only) does
+not pay for importing torch.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from curvlab.checkpoint import load  # noqa: E402
-from curvlab.factors import FactorSet, collect_factors, save_factors  # noqa: E402
+_LAZY = {
+    "collect_factors": "curvlab.factors",
+    "save_factors": "curvlab.factors",
+    "FactorSet": "curvlab.factors",
+    "load": "curvlab.checkpoint",
+}
 
-__all__ = ["FactorSet", "collect_factors", "load", "save_factors", "__version__"]
+__all__ = [*_LAZY, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'curvlab' has no attribute {name!r}")

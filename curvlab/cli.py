@@ -11,13 +11,15 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from curvlab import __version__
 from curvlab.errors import CheckpointError, CurvlabError, OptionError
+
+if TYPE_CHECKING:
+    import torch
 
 EXIT_USAGE = 2
 
@@ -128,6 +130,8 @@ def _positive_int(text: str) -> int:
 
 
 def run_factors(args: argparse.Namespace) -> int:
+    import torch
+
     from curvlab.data import iterate_batches, load_dataset
     from curvlab.device import resolve_device
     from curvlab.factors import collect_factors, save_factors
@@ -247,6 +251,8 @@ def _load_weights(model: torch.nn.Module, weights: dict[str, np.ndarray], path: 
                 f"{path}: step {step}: weights {key}: shape {tuple(value.shape)} does not fit the model's "
                 f"{tuple(state[key].shape)}"
             )
+    import torch
+
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()})
 
 

@@ -126,8 +126,7 @@ class FactorAccumulator:
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             if not self._recording:
                 return
-            a = state.adapter.inputs(module, inputs[0].detach())
-            moment = layer_math.input_second_moment(a, state.adapter.has_bias(module))
+            moment = state.adapter.input_second_moment(module, inputs[0].detach())
             state.A_sum = _add(state.A_sum, moment, self.dtype)
             state.outputs.append(output)
 

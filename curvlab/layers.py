@@ -38,6 +38,10 @@ class LinearAdapter:
         """``a`` in normal form ``[B, T, n]`` from the module's input ``(B, ..., n)``."""
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
+    def input_second_moment(self, module: nn.Linear, x: Tensor) -> Tensor:
+        """``Σ_{b,t} a a^T`` over a batch (bias-augmented)."""
+        return second_moment(self.inputs(module, x), self.has_bias(module))
+
     def output_grads(self, module: nn.Linear, grad_output: Tensor) -> Tensor:
         """``g`` in normal form ``[B, T, m]`` from the gradient w.r.t. the output ``(B, ..., m)``."""
         return grad_output.reshape(grad_output.shape[0], -1, grad_output.shape[-1])
@@ -55,26 +59,66 @@ class LinearAdapter:
 
 @dataclass(frozen=True)
 class Conv2dAdapter:
-    """``nn.Conv2d`` (``groups == 1``): unfolded patches, one location per output pixel (eq. 15)."""
+    """``nn.Conv2d`` (``groups == 1``): unfolded patches, one location per output pixel (eq. 15).
+
+    Patches are cut from the padded input in channels-last layout, one strided view per kernel offset
+    ``k = (i, j)``, and concatenated: that gives them "offset-major" (feature ``k * c_in + c``), one
+    copy and cache-friendly. :meth:`inputs` reorders them to the weight's order ``c * (kh*kw) + k``;
+    :meth:`input_second_moment` instead permutes the small ``n × n`` result.
+    """
 
     module_type: str = "Conv2d"
 
-    def inputs(self, module: nn.Conv2d, x: Tensor) -> Tensor:
-        """Unfolded patches ``[B, H_out*W_out, c_in*kh*kw]``, in the order of ``W.flatten(1)``."""
-        padding = module.padding
-        if isinstance(padding, str) or module.padding_mode != "zeros":
-            # padding="same"/"valid" or a non-zero padding mode: pad explicitly as Conv2d does.
+    def _padded_channels_last(self, module: nn.Conv2d, x: Tensor) -> Tensor:
+        if isinstance(module.padding, str) or module.padding_mode != "zeros":
+            # padding="same"/"valid" or a non-zero padding mode: pad exactly as Conv2d does.
             mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
             x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
-            padding = 0
-        patches = F.unfold(
-            x,
-            kernel_size=module.kernel_size,
-            dilation=module.dilation,
-            padding=padding,
-            stride=module.stride,
-        )
-        return patches.transpose(1, 2)
+        else:
+            ph, pw = module.padding
+            x = F.pad(x, (pw, pw, ph, ph))
+        return x.permute(0, 2, 3, 1).contiguous()
+
+    def _offset_major_patches(self, module: nn.Conv2d, padded: Tensor) -> Tensor:
+        """``[B, H_out*W_out, kh*kw*c_in]`` patches, feature ``k * c_in + c``, from channels-last input."""
+        (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+        h_out = (padded.shape[1] - dh * (kh - 1) - 1) // sh + 1
+        w_out = (padded.shape[2] - dw * (kw - 1) - 1) // sw + 1
+        rows = [slice(i * dh, i * dh + sh * (h_out - 1) + 1, sh) for i in range(kh)]
+        cols = [slice(j * dw, j * dw + sw * (w_out - 1) + 1, sw) for j in range(kw)]
+        views = [padded[:, r, c] for r in rows for c in cols]
+        return torch.cat(views, dim=-1).reshape(padded.shape[0], h_out * w_out, -1)
+
+    def _weight_order(self, module: nn.Conv2d) -> Tensor:
+        """Index ``perm`` with ``weight_order_feature = offset_major_feature[perm]``."""
+        offsets = module.kernel_size[0] * module.kernel_size[1]
+        channel = torch.arange(module.in_channels).repeat_interleave(offsets)
+        offset = torch.arange(offsets).repeat(module.in_channels)
+        return offset * module.in_channels + channel
+
+    def inputs(self, module: nn.Conv2d, x: Tensor) -> Tensor:
+        """Unfolded patches ``[B, H_out*W_out, c_in*kh*kw]``, in the order of ``W.flatten(1)``."""
+        patches = self._offset_major_patches(module, self._padded_channels_last(module, x))
+        return patches[..., self._weight_order(module).to(patches.device)]
+
+    def input_second_moment(self, module: nn.Conv2d, x: Tensor) -> Tensor:
+        """``Σ_{b,t} a a^T`` (bias-augmented), computed in chunks of examples of about 4 MiB of patches.
+
+        Chunking keeps each patch block in cache between the copy that makes it and the product that
+        uses it; the result is permuted from offset-major to weight order at the end.
+        """
+        padded = self._padded_channels_last(module, x)
+        has_bias = self.has_bias(module)
+        total = None
+        chunk = _examples_per_chunk(padded[:1], module)
+        for start in range(0, padded.shape[0], chunk):
+            patches = self._offset_major_patches(module, padded[start : start + chunk])
+            moment = second_moment(patches, has_bias)
+            total = moment if total is None else total.add_(moment)
+        order = self._weight_order(module).to(total.device)
+        if has_bias:
+            order = torch.cat([order, order.new_tensor([len(order)])])
+        return total[order][:, order]
 
     def output_grads(self, module: nn.Conv2d, grad_output: Tensor) -> Tensor:
         """``g`` as ``[B, H_out*W_out, c_out]``."""
@@ -90,6 +134,16 @@ class Conv2dAdapter:
         if module.groups != 1:
             return f"groups={module.groups} (only groups=1 is supported)"
         return None
+
+
+CHUNK_BYTES = 4 * 2**20
+
+
+def _examples_per_chunk(one_example: Tensor, module: nn.Conv2d) -> int:
+    """How many examples' patches fit in :data:`CHUNK_BYTES` (at least one)."""
+    kh, kw = module.kernel_size
+    per_example = one_example.numel() * kh * kw * one_example.element_size()
+    return max(1, CHUNK_BYTES // max(per_example, 1))
 
 
 LayerAdapter = LinearAdapter | Conv2dAdapter
@@ -121,11 +175,11 @@ def weight_matrix(module: nn.Module, weight: Tensor, bias: Tensor | None) -> Ten
     return matrix
 
 
-def input_second_moment(a: Tensor, has_bias: bool) -> Tensor:
+def second_moment(a: Tensor, has_bias: bool) -> Tensor:
     """``sum_{b,t} a_bt a_bt^T`` over a batch in normal form, with the bias augmentation.
 
     The augmented sum is assembled from ``X^T X``, ``X^T 1`` and the location count, so the
-    ``[B, T, n+1]`` augmented copy of the patches is never built.
+    ``[B, T, n+1]`` augmented copy of the inputs is never built.
     """
     x = a.reshape(-1, a.shape[-1])
     core = x.T @ x
@@ -142,7 +196,14 @@ def input_second_moment(a: Tensor, has_bias: bool) -> Tensor:
 
 
 def output_second_moment(g: Tensor) -> Tensor:
-    """``sum_b (1/T) sum_t g_bt g_bt^T`` over a batch in normal form (eq. 15's ``1/|I|``)."""
+    """``sum_b (1/T) sum_t g_bt g_bt^T`` over a batch in normal form (eq. 15's ``1/|I|``).
+
+    When ``g`` is the transposed view of a contiguous ``[B, m, T]`` gradient (a convolution), the
+    per-example products are batched matrix products on that layout, which avoids a transposed copy.
+    """
     num_locations = g.shape[1]
+    channels_first = g.transpose(1, 2)
+    if num_locations > 1 and channels_first.is_contiguous():
+        return torch.bmm(channels_first, g).sum(dim=0) / num_locations
     x = g.reshape(-1, g.shape[-1])
     return (x.T @ x) / num_locations
