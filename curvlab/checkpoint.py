@@ -31,7 +31,6 @@ import fnmatch
 import json
 import os
 import re
-import secrets
 import shutil
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -42,6 +41,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from curvlab.atomic import commit, remove_quietly, temp_path
 from curvlab.errors import CheckpointError, where
 
 __all__ = [
@@ -454,41 +454,6 @@ def _model_config_json(model_config: Mapping | None, path: object) -> str | None
 # Writing
 
 
-def _temp_path(path: str) -> str:
-    """``<folder>/.<name>.tmp-<pid>-<random>``: a recognisable temp file next to ``path``."""
-    folder, name = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-
-
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(folder: str) -> None:
-    """Make a rename durable; silently skipped where directories cannot be fsynced."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except OSError:
-        pass
-
-
 def _mark_complete(group: h5py.Group) -> None:
     """Written after everything else in the step: a reader ignores steps without it."""
     group.file.flush()
@@ -532,13 +497,6 @@ def _write_model(f: h5py.File, name: str | None, config_json: str | None) -> Non
         g.attrs["config"] = config_json
 
 
-def _commit(tmp: str, path: str) -> None:
-    """fsync the finished temp file, rename it onto ``path`` atomically, fsync the folder."""
-    _fsync_file(tmp)
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
 def _as_step_list(steps: Step | Sequence[Step]) -> list[Step]:
     return [steps] if isinstance(steps, Step) else list(steps)
 
@@ -568,7 +526,7 @@ def save(
     target = os.path.realpath(path_s)  # through a symlink: replace the file it points to
     if not os.path.isdir(os.path.dirname(target)):
         raise _error(f"cannot write: folder {os.path.dirname(target)} does not exist", path_s)
-    tmp = _temp_path(target)
+    tmp = temp_path(target)
     try:
         with _write_errors(path_s):
             with h5py.File(tmp, "w-") as f:
@@ -578,9 +536,9 @@ def save(
                 steps_group = f.create_group("steps", track_order=True)
                 for step in sorted(step_list, key=lambda s: int(s.step)):
                     _write_step(steps_group, step)
-            _commit(tmp, target)
+            commit(tmp, target)
     except BaseException:
-        _remove_quietly(tmp)
+        remove_quietly(tmp)
         raise
 
 
@@ -629,7 +587,7 @@ def append_step(
             int(step.step),
         )
     target = os.path.realpath(path_s)  # through a symlink: update the file it points to
-    tmp = _temp_path(target)
+    tmp = temp_path(target)
     try:
         with _write_errors(path_s):
             shutil.copyfile(target, tmp)
@@ -640,9 +598,9 @@ def append_step(
                     del steps_group[str(int(step.step))]
                 _write_model(f, model_name, config_json)
                 _write_step(steps_group, step)
-            _commit(tmp, target)
+            commit(tmp, target)
     except BaseException:
-        _remove_quietly(tmp)
+        remove_quietly(tmp)
         raise
 
 

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_factors(commands)
     _add_info(commands)
+    # <spectrum-commands>
+    # <fit-commands>
+    # <nqm-commands>
     return parser
 
 
@@ -290,6 +293,15 @@ def run_info(args: argparse.Namespace) -> int:
     else:
         print(format_summary(summary))
     return 0
+
+
+# <spectrum-handlers>
+
+
+# <fit-handlers>
+
+
+# <nqm-handlers>
 
 
 if __name__ == "__main__":
