@@ -170,3 +170,28 @@ def test_factors_refuses_to_overwrite_its_weights_input(tmp_path):
 def test_help_and_version(argv):
     run = _run(*argv)
     assert run.returncode == 0 and run.stdout
+
+
+def test_device_cuda_without_gpu_is_a_one_line_error(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    run = _run("factors", *SMALL_MLP, "--device", "cuda", "-o", str(tmp_path / "o.h5"))
+    _assert_one_line_error(run, "--device cuda")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["resnet8", "simple_cnn"])
+def test_full_digits_capture_end_to_end(tmp_path, model):
+    """The whole digits training split, every Fisher type; the small version is above (48 examples)."""
+    for fisher in ("empirical", "mc", "exact"):
+        out = tmp_path / f"{model}-{fisher}.h5"
+        run = _run("factors", "--model", model, "--fisher", fisher, "-o", str(out))
+        assert run.returncode == 0, run.stderr
+        info = json.loads(_run("info", str(out), "--json").stdout)
+        (step,) = info["steps"]
+        assert step["num_examples"] == 1438 and step["fisher_type"] == fisher
+        for layer in step["layers"]:
+            assert layer["A"]["diag_min"] >= 0 and layer["S"]["diag_min"] >= 0
+            assert layer["A"]["symmetry_error"] == 0 and layer["S"]["symmetry_error"] == 0
