@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     # <spectrum-commands>
     # <fit-commands>
     # <nqm-commands>
+    # <train-commands>
     return parser
 
 
@@ -302,6 +303,9 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 # <nqm-handlers>
+
+
+# <train-handlers>
 
 
 if __name__ == "__main__":
