@@ -1,0 +1,303 @@
+"""Per-example gradients in the Kronecker-factored eigenbasis: mean, variance and curvature (seed E.2).
+
+For a layer with K-FAC factors ``A = Q_A diag(λ_A) Q_A^T`` and ``S = Q_S diag(λ_S) Q_S^T``, direction
+``(i, j)`` is the weight perturbation ``Q_S[:, i] Q_A[:, j]^T`` with K-FAC eigenvalue ``λ_S[i] λ_A[j]``
+(design.md, "Kronecker-factored eigenbasis"). The per-example coefficient along it is
+
+    c_n(i, j) = (Q_S^T G_n Q_A)[i, j],      G_n = Σ_t g_nt a_nt^T,
+
+and, with the layer in normal form (:mod:`curvlab.layers`), ``Q_S^T G_n Q_A = Ĝ_n^T Â_n`` with
+``Ĝ_n = g_n Q_S`` and ``Â_n = a_n Q_A`` (projections of the output gradients and inputs, ``[T, m]``
+and ``[T, n]``). Accumulated over examples, in float64:
+
+* ``Σ_n c_n`` and ``Σ_n c_n²`` with the true labels → mean, unbiased variance ``Var_n(v^T g_n)``
+  and second moment ``E[c²]`` (the EKFAC eigenvalue correction, George et al. 2018);
+* ``Σ_n Σ_u w_u c_{n,u}²`` with the logit-gradient vectors ``u`` of the ``exact`` or ``mc`` Fisher
+  (:mod:`curvlab.loss`) → the curvature ``v^T F v`` of the true Fisher (= GGN) for every direction at
+  once, since ``v^T F v = (1/N) Σ_n Σ_u w_u (u^T J_n v)²`` and ``u^T J_n v = c_{n,u}``.
+
+Contraction order, per layer, from its shapes (``T`` locations, ``m`` outputs, ``n`` inputs with the
+bias, ``P`` backward passes per batch):
+
+* one location: ``c_n = ĝ_n â_n^T`` is an outer product, so ``Σ c = Ĝ^T Â`` and ``Σ c² = (Ĝ∘Ĝ)^T (Â∘Â)``
+  — no per-example matrix is ever formed (memory ``O(B (m + n) + m n)``);
+* several locations, "project first": ``Â`` once per batch (``T n²``), then per pass ``T m²`` to project
+  ``g`` and ``T m n`` per example for ``Ĝ_n^T Â_n``;
+* several locations, "gradient first": per pass ``T m n`` for ``G_n = g_n^T a_n`` and ``m n (m + n)`` to
+  rotate it, ``Q_S^T G_n Q_A``.
+The cheaper of the last two is chosen from the flop counts; either holds per-example ``m × n`` matrices
+only for a chunk of examples at a time (:data:`CHUNK_BYTES`), never for a whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from curvlab import layers as layer_math
+from curvlab.loss import logit_gradient_samples
+
+CHUNK_BYTES = 32 * 2**20
+CURVATURE_ROUTES = ("exact", "mc")
+
+
+@dataclass
+class LayerBasis:
+    """The Kronecker-factored eigenbasis of one layer: ``Q_S`` (m×m), ``Q_A`` (n×n), eigenvalues.
+
+    ``Q_A`` includes the bias row when the layer has a bias. Columns are eigenvectors, eigenvalues
+    ascending (the order of ``torch.linalg.eigh``).
+    """
+
+    Q_S: Tensor
+    Q_A: Tensor
+    eigenvalues_S: Tensor
+    eigenvalues_A: Tensor
+
+    @classmethod
+    def from_factors(cls, S: np.ndarray | Tensor, A: np.ndarray | Tensor) -> LayerBasis:
+        """Eigendecompose dense (2-D) or diagonal (1-D) factors in float64 (small layers, tests)."""
+        lam_s, q_s = _eigh(torch.as_tensor(S, dtype=torch.float64))
+        lam_a, q_a = _eigh(torch.as_tensor(A, dtype=torch.float64))
+        return cls(q_s, q_a, lam_s, lam_a)
+
+    def kfac_eigenvalues(self) -> Tensor:
+        """``λ_S[i] λ_A[j]`` as an ``m × n`` matrix."""
+        return torch.outer(self.eigenvalues_S, self.eigenvalues_A)
+
+
+def _eigh(x: Tensor) -> tuple[Tensor, Tensor]:
+    if x.ndim == 1:
+        order = torch.argsort(x)
+        return x[order], torch.eye(len(x), dtype=x.dtype)[:, order]
+    return torch.linalg.eigh((x + x.T) / 2)
+
+
+@dataclass
+class _LayerSums:
+    """Running float64 sums of one layer, all ``m × n``."""
+
+    sum_c: Tensor
+    sum_c2: Tensor
+    sum_curvature: Tensor
+    inputs: list[Tensor] = field(default_factory=list)
+    outputs: list[Tensor] = field(default_factory=list)
+
+
+@dataclass
+class DirectionStatistics:
+    """Per-direction results of one layer (all ``m × n`` float64 numpy arrays)."""
+
+    kfac_eigenvalue: np.ndarray
+    mean: np.ndarray
+    variance: np.ndarray
+    second_moment: np.ndarray
+    curvature: np.ndarray | None
+    num_examples: int
+    order: str
+
+
+def contraction_order(locations: int, m: int, n: int, passes: int) -> str:
+    """``"outer"`` (one location), ``"project_first"`` or ``"gradient_first"``: the fewer flops."""
+    if locations == 1:
+        return "outer"
+    project_first = locations * n * n + passes * (locations * m * m + locations * m * n)
+    gradient_first = passes * (locations * m * n + m * n * (m + n))
+    return "project_first" if project_first <= gradient_first else "gradient_first"
+
+
+class KFEProjector:
+    """Hooks that accumulate KFE coefficient statistics of every layer in ``bases``.
+
+    Use as a context manager; call :meth:`add_batch` per batch, then :meth:`statistics`.
+    ``curvature`` is ``None`` (gradients only), ``"exact"`` (one extra backward pass per class) or
+    ``"mc"`` (``mc_samples`` sampled labels).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        bases: Mapping[str, LayerBasis],
+        *,
+        curvature: str | None = "exact",
+        mc_samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if curvature is not None and curvature not in CURVATURE_ROUTES:
+            raise ValueError(f"curvature route must be one of {CURVATURE_ROUTES}, got {curvature!r}")
+        modules = dict(model.named_modules())
+        missing = [name for name in bases if name not in modules]
+        if missing:
+            raise ValueError(f"layer {missing[0]} of the eigenbasis is not a module of the model")
+        self.model = model
+        self.curvature = curvature
+        self.mc_samples = mc_samples
+        self.generator = generator
+        self.num_examples = 0
+        self.orders: dict[str, str] = {}
+        self.layers: dict[str, tuple[nn.Module, layer_math.LayerAdapter, LayerBasis, _LayerSums]] = {}
+        for name, basis in bases.items():
+            module = modules[name]
+            adapter = layer_math.adapter_for(module)
+            if adapter is None:
+                raise ValueError(f"layer {name}: {type(module).__name__} has no K-FAC adapter")
+            device = next(module.parameters()).device
+            basis = LayerBasis(*(t.to(device=device, dtype=torch.float64) for t in vars(basis).values()))
+            shape = (basis.Q_S.shape[0], basis.Q_A.shape[0])
+            zeros = [torch.zeros(shape, dtype=torch.float64, device=device) for _ in range(3)]
+            self.layers[name] = (module, adapter, basis, _LayerSums(*zeros))
+        self._handles: list[Any] = []
+        self._recording = False
+
+    def __enter__(self) -> KFEProjector:
+        for module, adapter, _, sums in self.layers.values():
+            self._handles.append(module.register_forward_hook(self._hook(adapter, sums)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, adapter: layer_math.LayerAdapter, sums: _LayerSums):
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            if not self._recording:
+                return
+            a = adapter.inputs(module, inputs[0].detach()).to(torch.float64)
+            if adapter.has_bias(module):
+                a = layer_math.augment(a)
+            sums.inputs.append(a)
+            sums.outputs.append(output)
+
+        return hook
+
+    def add_batch(self, inputs: Tensor, labels: Tensor) -> None:
+        """Forward one batch; accumulate gradient statistics and (if asked) curvature."""
+        self._recording = True
+        try:
+            logits = self.model(inputs)
+        finally:
+            self._recording = False
+        try:
+            passes = [(u, w, False) for u, w in logit_gradient_samples(logits, labels, "empirical")]
+            if self.curvature is not None:
+                passes += [
+                    (u, w, True)
+                    for u, w in logit_gradient_samples(
+                        logits, None, self.curvature, mc_samples=self.mc_samples, generator=self.generator
+                    )
+                ]
+            self._prepare_inputs(len(passes))
+            outputs = [out for *_, sums in self.layers.values() for out in sums.outputs]
+            for k, (u, weight, is_curvature) in enumerate(passes):
+                grads = torch.autograd.grad(logits, outputs, grad_outputs=u, retain_graph=k + 1 < len(passes))
+                self._accumulate(grads, weight, is_curvature)
+        finally:
+            for *_, sums in self.layers.values():
+                sums.inputs.clear()
+                sums.outputs.clear()
+        self.num_examples += inputs.shape[0]
+
+    def _prepare_inputs(self, passes: int) -> None:
+        """Project the inputs once per batch where the contraction order wants ``Â = a Q_A``."""
+        for name, (_, _, basis, sums) in self.layers.items():
+            a = sums.inputs[0]
+            order = contraction_order(a.shape[1], basis.Q_S.shape[0], basis.Q_A.shape[0], passes)
+            self.orders[name] = order
+            if order != "gradient_first":
+                sums.inputs[:] = [x @ basis.Q_A for x in sums.inputs]
+
+    def _accumulate(self, grads: Sequence[Tensor], weight: float, is_curvature: bool) -> None:
+        position = 0
+        for name, (module, adapter, basis, sums) in self.layers.items():
+            for a in sums.inputs:
+                g = adapter.output_grads(module, grads[position]).to(torch.float64)
+                position += 1
+                if is_curvature:
+                    for _, c2 in _coefficients(a, g, basis, self.orders[name]):
+                        sums.sum_curvature.add_(c2, alpha=weight)
+                else:
+                    for c, c2 in _coefficients(a, g, basis, self.orders[name]):
+                        sums.sum_c.add_(c)
+                        sums.sum_c2.add_(c2)
+
+    def statistics(self) -> dict[str, DirectionStatistics]:
+        """Mean, unbiased variance, second moment and curvature of every direction of every layer."""
+        n = self.num_examples
+        if n < 2:
+            raise ValueError("the gradient variance needs at least two examples")
+        result = {}
+        for name, (_, _, basis, sums) in self.layers.items():
+            mean = sums.sum_c / n
+            variance = (sums.sum_c2 - n * mean * mean) / (n - 1)
+            result[name] = DirectionStatistics(
+                kfac_eigenvalue=basis.kfac_eigenvalues().cpu().numpy(),
+                mean=mean.cpu().numpy(),
+                variance=variance.clamp_min(0).cpu().numpy(),
+                second_moment=(sums.sum_c2 / n).cpu().numpy(),
+                curvature=None if self.curvature is None else (sums.sum_curvature / n).cpu().numpy(),
+                num_examples=n,
+                order=self.orders.get(name, ""),
+            )
+        return result
+
+
+def _coefficients(a: Tensor, g: Tensor, basis: LayerBasis, order: str) -> Iterable[tuple[Tensor, Tensor]]:
+    """Yield ``(Σ_n c_n, Σ_n c_n²)`` over chunks of the batch (``a`` projected unless gradient-first)."""
+    if order == "outer":
+        g_hat = g[:, 0] @ basis.Q_S
+        a_hat = a[:, 0]
+        yield g_hat.T @ a_hat, (g_hat * g_hat).T @ (a_hat * a_hat)
+        return
+    m, n = basis.Q_S.shape[0], basis.Q_A.shape[0]
+    chunk = max(1, CHUNK_BYTES // (8 * m * n))
+    for start in range(0, a.shape[0], chunk):
+        a_chunk, g_chunk = a[start : start + chunk], g[start : start + chunk]
+        if order == "project_first":
+            c = torch.bmm((g_chunk @ basis.Q_S).transpose(1, 2), a_chunk)
+        else:
+            gradients = torch.bmm(g_chunk.transpose(1, 2), a_chunk)
+            c = basis.Q_S.T @ gradients @ basis.Q_A
+        yield c.sum(dim=0), (c * c).sum(dim=0)
+
+
+def project_gradients(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    bases: Mapping[str, LayerBasis],
+    *,
+    curvature: str | None = "exact",
+    mc_samples: int = 1,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, DirectionStatistics]:
+    """KFE statistics of every layer in ``bases`` over ``batches`` (see the module docstring)."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    projector = KFEProjector(model, bases, curvature=curvature, mc_samples=mc_samples, generator=generator)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc="gradcov", unit="batch", leave=False)
+    with projector:
+        for inputs, labels in batches:
+            projector.add_batch(inputs.to(device), labels.to(device))
+    return projector.statistics()
+
+
+def select_directions(kfac_eigenvalues: np.ndarray, count: int) -> list[tuple[int, int]]:
+    """``count`` directions ``(i, j)`` spread over the K-FAC eigenvalue range of one layer.
+
+    The largest and the smallest eigenvalue and evenly spaced order statistics between them (in rank,
+    which is evenly spaced in quantile), without repeats.
+    """
+    flat = kfac_eigenvalues.ravel()
+    count = min(count, flat.size)
+    order = np.argsort(flat, kind="stable")
+    picks = np.unique(np.round(np.linspace(0, flat.size - 1, count)).astype(int))
+    return [tuple(int(v) for v in np.unravel_index(order[p], kfac_eigenvalues.shape)) for p in picks]
