@@ -11,15 +11,13 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from curvlab import __version__
 from curvlab.errors import CheckpointError, CurvlabError, OptionError
 
 if TYPE_CHECKING:
-    import torch
+    from curvlab.restore import StepWeights
 
 EXIT_USAGE = 2
 
@@ -140,6 +138,7 @@ def run_factors(args: argparse.Namespace) -> int:
     from curvlab.device import resolve_device
     from curvlab.factors import collect_factors, save_factors
     from curvlab.models import build_model, model_config, parse_model_args
+    from curvlab.restore import load_weights
 
     device = resolve_device(args.device)
     output = os.path.abspath(args.output)
@@ -148,18 +147,18 @@ def run_factors(args: argparse.Namespace) -> int:
     _check_writable(args.output)
     data = load_dataset(args.data, split="train", limit=args.examples)
     source = _weights_source(args)
-    name = args.model or (source["model_name"] if source else None)
+    name = args.model or (source.model_name if source else None)
     if name is None:
         raise OptionError("--model is required (or --weights with a checkpoint that names its model)")
     model_args = parse_model_args(args.model_arg)
-    if source and not args.model_arg and source["config"] and source["model_name"] == name:
-        model_args = dict(source["config"].get("args", {}))
+    if source and not args.model_arg and source.config and source.model_name == name:
+        model_args = dict(source.config.get("args", {}))
     torch.manual_seed(args.seed)
     model = build_model(name, data.input_shape, data.num_classes, model_args)
     step = 0
     if source:
-        step = source["step"]
-        _load_weights(model, source["weights"], args.weights, step)
+        step = source.step
+        load_weights(model, source)
     if args.as_step is not None:
         if args.as_step < 0:
             raise OptionError(f"--as-step must be a non-negative step number, got {args.as_step}")
@@ -212,52 +211,15 @@ def run_factors(args: argparse.Namespace) -> int:
     return 0
 
 
-def _weights_source(args: argparse.Namespace) -> dict[str, Any] | None:
+def _weights_source(args: argparse.Namespace) -> StepWeights | None:
     """Model name, config, step and weights of ``--weights CKPT [--step S]`` (None without it)."""
-    from curvlab.checkpoint import CheckpointReader
+    from curvlab.restore import read_step_weights
 
     if not args.weights:
         if args.step is not None:
             raise OptionError("--step needs --weights")
         return None
-    with CheckpointReader(args.weights) as reader:
-        steps = reader.step_numbers()
-        if not steps:
-            raise CheckpointError(f"{args.weights}: no complete step to take weights from")
-        step = steps[-1] if args.step is None else args.step
-        if step not in steps:
-            raise CheckpointError(f"{args.weights}: step {step}: no such complete step (has {steps})")
-        weights = reader.read_weights(step)
-        if not weights:
-            raise CheckpointError(f"{args.weights}: step {step}: holds no model weights")
-        return {
-            "model_name": reader.model_name,
-            "config": reader.model_config,
-            "step": step,
-            "weights": weights,
-        }
-
-
-def _load_weights(model: torch.nn.Module, weights: dict[str, np.ndarray], path: str, step: int) -> None:
-    """Load numpy weights into the model, naming the first parameter that does not fit."""
-    state = model.state_dict()
-    missing = sorted(set(state) - set(weights))
-    unexpected = sorted(set(weights) - set(state))
-    if missing or unexpected:
-        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
-        raise CheckpointError(
-            f"{path}: step {step}: weights do not fit the model ({what}); pass the --model and "
-            "--model-arg the checkpoint was written with"
-        )
-    for key, value in weights.items():
-        if tuple(value.shape) != tuple(state[key].shape):
-            raise CheckpointError(
-                f"{path}: step {step}: weights {key}: shape {tuple(value.shape)} does not fit the model's "
-                f"{tuple(state[key].shape)}"
-            )
-    import torch
-
-    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()})
+    return read_step_weights(args.weights, args.step)
 
 
 def _check_writable(path: str) -> None:
