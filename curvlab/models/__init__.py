@@ -1,9 +1,14 @@
-"""Model registry: build the image classifiers of seed F.2 by name, from ``--model-arg key=value``.
+"""Model registry: build the models of seed F.2 by name, from ``--model-arg key=value``.
 
-Every model takes inputs ``(N, C, H, W)`` and returns logits ``(N, num_classes)``;
-``input_shape`` is ``(C, H, W)``. Models are built deterministically under ``torch.manual_seed``,
-use only ``nn.Conv2d`` (``groups=1``) and ``nn.Linear`` weight layers (no batch norm, no dropout),
-and keep readable module paths (``conv1``, ``blocks.0.conv1``, ``fc``) that become HDF5 layer names.
+The image classifiers take inputs ``(N, C, H, W)`` (``input_shape`` is ``(C, H, W)``) and return
+logits ``(N, num_classes)``; the language model ``transformer_shallow`` takes int64 token ids
+``(N, T)`` (``input_shape`` is ``(seq_len,)``) and returns logits ``(N, T, num_classes)``. Models are
+built deterministically under ``torch.manual_seed``, carry their weights in ``nn.Conv2d``
+(``groups=1``), ``nn.Linear`` and (the Transformer) ``nn.Embedding`` layers, plus batch-norm and
+layer-norm scales and shifts, and keep readable module paths (``conv1``, ``blocks.0.conv1``, ``fc``)
+that become HDF5 layer names. Models whose loss uses label smoothing say so in
+``model.label_smoothing``; models with weight constraints list them in ``model.weight_normalized``
+(apply with :func:`curvlab.models.layers.project_weights_` after each optimiser step).
 See ``docs/models.md``.
 
 A model's full description is its *config* (:func:`model_config`), a JSON-serialisable dict
@@ -22,12 +27,13 @@ from typing import Any
 from torch import nn
 
 from curvlab.errors import ModelError
-from curvlab.models import mlp, resnet8, simple_cnn
+from curvlab.models import mlp, resnet8, resnet32, simple_cnn, transformer, vgg11
 
 __all__ = [
     "available_models",
     "build_from_config",
     "build_model",
+    "data_options",
     "model_config",
     "model_descriptions",
     "parse_model_args",
@@ -35,6 +41,7 @@ __all__ = [
 
 _Check = Callable[[dict[str, Any]], str | None]
 _InputCheck = Callable[[Sequence[int]], str | None]
+_ConfigCheck = Callable[[tuple[int, ...], int, dict[str, Any]], str | None]
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,12 @@ class _ModelSpec:
     validate: _Check | None = None
     check_input: _InputCheck | None = None
     allow_empty: frozenset[str] = field(default_factory=frozenset)
+    #: the form of ``input_shape``, for error messages; its number of entries is the input rank
+    input_form: tuple[str, ...] = ("C", "H", "W")
+    #: a check of the resolved input shape and class count against the resolved arguments
+    check_config: _ConfigCheck | None = None
+    #: arguments that :func:`data_options` passes on to :func:`curvlab.data.load_dataset`
+    data_keys: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, _ModelSpec] = {
@@ -68,6 +81,30 @@ _REGISTRY: dict[str, _ModelSpec] = {
         defaults=resnet8.DEFAULTS,
         description="7 3x3 convs with residual connections, no batch norm, Linear (seed F.2)",
         validate=resnet8.validate,
+    ),
+    "resnet32": _ModelSpec(
+        builder=resnet32.build,
+        defaults=resnet32.DEFAULTS,
+        description="CIFAR ResNet-32: 31 weight-normalised 3x3 convs, ghost batch norm, Linear; "
+        "label smoothing (seed F.2)",
+        validate=resnet32.validate,
+    ),
+    "vgg11": _ModelSpec(
+        builder=vgg11.build,
+        defaults=vgg11.DEFAULTS,
+        description="VGG-11: 8 weight-normalised 3x3 convs, ghost batch norm, max-pools, Linear; "
+        "label smoothing (seed F.2)",
+        validate=vgg11.validate,
+    ),
+    "transformer_shallow": _ModelSpec(
+        builder=transformer.build,
+        defaults=transformer.DEFAULTS,
+        description="2-layer decoder-only Transformer LM, tied embedding/pre-softmax weight (seed F.2); "
+        "token ids (N, seq_len)",
+        validate=transformer.validate,
+        input_form=("seq_len",),
+        check_config=transformer.check_config,
+        data_keys=("vocab", "seq_len"),
     ),
 }
 
@@ -166,12 +203,24 @@ def _positive_int(value: Any) -> bool:
 
 
 def _coerce(name: str, key: str, value: Any, default: Any, allow_empty: bool) -> Any:
-    """``value`` checked and converted to the type of ``default`` (bool, positive int, int list)."""
+    """``value`` checked and converted to the type of ``default``.
+
+    bool; positive int; non-negative finite float (an int is accepted); list of positive ints.
+    """
     bad = f"model {name!r}: argument {key!r}"
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ModelError(f"{bad} must be true or false, got {value!r}")
         return value
+    if isinstance(default, float):
+        if (
+            not isinstance(value, numbers.Real)
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            raise ModelError(f"{bad} must be a non-negative number, got {value!r}")
+        return float(value)
     if isinstance(default, int):
         if not _positive_int(value):
             raise ModelError(f"{bad} must be a positive integer, got {value!r}")
@@ -219,14 +268,17 @@ def _length_check(args: Mapping[str, Any], key: str, length: int) -> str | None:
 
 
 def _resolve_shape(name: str, input_shape: Sequence[int], num_classes: int) -> tuple[int, ...]:
-    """``input_shape`` as a tuple ``(C, H, W)`` of positive ints; checks ``num_classes`` too."""
+    """``input_shape`` as a tuple of positive ints (``(C, H, W)`` or the model's form); checks
+    ``num_classes`` too."""
+    form = _spec(name).input_form
     try:
         shape = tuple(input_shape)
     except TypeError:
         shape = ()
-    if len(shape) != 3 or not all(_positive_int(v) for v in shape):
+    if len(shape) != len(form) or not all(_positive_int(v) for v in shape):
+        written = f"({', '.join(form)}{',' if len(form) == 1 else ''})"
         raise ModelError(
-            f"model {name!r}: input_shape must be (C, H, W) positive integers, got {input_shape!r}"
+            f"model {name!r}: input_shape must be {written} positive integers, got {input_shape!r}"
         )
     if not _positive_int(num_classes):
         raise ModelError(
@@ -254,14 +306,29 @@ def model_config(
     Every argument is present (defaults filled in), lists are plain lists; raises
     :class:`ModelError` for an unknown model, an unknown argument or an invalid value.
     """
-    _spec(name)
+    spec = _spec(name)
     shape = _resolve_shape(name, input_shape, num_classes)
+    resolved = _resolve_args(name, args)
+    problem = spec.check_config(shape, int(num_classes), resolved) if spec.check_config else None
+    if problem:
+        raise ModelError(f"model {name!r}: {problem}")
     return {
         "name": name,
         "input_shape": list(shape),
         "num_classes": int(num_classes),
-        "args": _resolve_args(name, args),
+        "args": resolved,
     }
+
+
+def data_options(name: str, args: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The keyword arguments of :func:`curvlab.data.load_dataset` that model ``name`` dictates.
+
+    ``{"vocab": ..., "seq_len": ...}`` (defaults filled in) for ``transformer_shallow``, ``{}`` for
+    the image models: ``load_dataset(spec, split=..., **data_options(name, args))`` then yields data
+    whose ``input_shape`` and ``num_classes`` fit ``build_model(name, ..., args)``.
+    """
+    resolved = _resolve_args(name, args)
+    return {key: resolved[key] for key in _spec(name).data_keys}
 
 
 def build_model(
