@@ -13,6 +13,7 @@ TORCH ?= torch==2.13.0
 endif
 
 .PHONY: install test test-all lint bench figures clean
+.DELETE_ON_ERROR:
 
 install: $(STAMP)
 
@@ -41,8 +42,52 @@ $(VENV)/.bench: $(STAMP)
 bench: $(VENV)/.bench
 	$(BIN)/python -m benchmarks.run
 
-figures: $(STAMP)
-	$(BIN)/python -m analyses.run_all
+# ---------------------------------------------------------------------------------------- figures
+# Every appendix figure (Figs. 9-15) and figures/index.html. Make tracks the dependencies: a figure is
+# rebuilt when its script or the library changes; the trained runs are reused, and a run interrupted
+# mid-way is resumed (its .done stamp is written only at the end). Paper scale on a GPU machine:
+#   make figures SCALE=paper DATA=cifar10:PATH DEVICE=cuda
+SCALE  ?= small
+DEVICE ?= auto
+DATA   ?=
+FIG    ?= $(if $(filter paper,$(SCALE)),figures/paper,figures)
+export CURVLAB_SCALE   := $(SCALE)
+export CURVLAB_DEVICE  := $(DEVICE)
+export CURVLAB_DATA    := $(DATA)
+export CURVLAB_FIGURES := $(FIG)
+LIB    := $(wildcard curvlab/*.py curvlab/*/*.py) analyses/config.py
+NQMLIB := $(wildcard curvlab/nqm/*.py) curvlab/plots/nqm.py curvlab/cli.py analyses/config.py analyses/nqm.py
+RUNS   := $(FIG)/data/runs
+FIGURE_PNGS := $(addprefix $(FIG)/,fig09.png fig10a.png fig10b.png fig11.png fig12.png fig13.png \
+               fig14a.png fig14b.png fig14c.png fig15.png)
+
+figures: $(FIG)/index.html
+
+$(RUNS)/%/.done: $(LIB) analyses/train.py | $(STAMP)
+	@if [ -f $@ ]; then rm -rf $(RUNS)/$*; fi
+	$(BIN)/python -m analyses.train $*
+	touch $@
+
+$(FIG)/fig09.png: $(RUNS)/resnet8/.done analyses/fig09.py
+	$(BIN)/python -m analyses.fig09
+$(FIG)/fig10a.png: $(RUNS)/resnet8/.done analyses/fig10.py
+	$(BIN)/python -m analyses.fig10 a
+$(FIG)/fig10b.png: $(RUNS)/transformer/.done analyses/fig10.py
+	$(BIN)/python -m analyses.fig10 b
+$(FIG)/fig12.png: $(RUNS)/resnet8/.done analyses/fig12.py
+	$(BIN)/python -m analyses.fig12
+$(FIG)/fig11.png: $(NQMLIB) | $(STAMP)
+	$(BIN)/python -m analyses.nqm 11
+$(FIG)/fig13.png: $(NQMLIB) | $(STAMP)
+	$(BIN)/python -m analyses.nqm 13
+$(FIG)/fig14a.png $(FIG)/fig14b.png $(FIG)/fig14c.png &: $(NQMLIB) | $(STAMP)
+	$(BIN)/python -m analyses.nqm 14
+$(FIG)/fig15.png: $(NQMLIB) | $(STAMP)
+	$(BIN)/python -m analyses.nqm 15
+
+$(FIG)/index.html: $(FIGURE_PNGS) analyses/index.py
+	$(BIN)/python -m analyses.index
+	@echo "open $(FIG)/index.html"
 
 clean:
 	rm -rf $(VENV) figures .pytest_cache

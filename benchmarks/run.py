@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks import factor_capture
+from benchmarks import factor_capture, gradcov, nqm_sweep, spectrum
 
-BENCHMARKS = [factor_capture]
+BENCHMARKS = [factor_capture, spectrum, gradcov, nqm_sweep]
 
 
 def main() -> int:

@@ -9,25 +9,33 @@ vjp — but the quadratic form needs only the forward half:
     v^T F v = (1/N) Σ_n u_n^T H_n u_n = (1/N) Σ_n [Σ_c p_c u_c² − (Σ_c p_c u_c)²],   u_n = J_n v,
 
 one forward-mode pass (``torch.func.jvp``) per direction and batch, with no backward pass at all.
+Where an operation has no forward-mode derivative (PyTorch's fused attention on the CPU, for one),
+``J v`` is taken by the double-backward identity ``J v = ∂/∂w [w ↦ ⟨J^T w, v⟩]`` instead: two
+reverse passes, same numbers.
+
 Directions are weight perturbations of one layer, given as the ``m × n`` matrix of design.md (bias as
-the last column); :func:`split_weight_matrix` turns one into the layer's parameter tangents.
+the last column); the layer's adapter (:mod:`curvlab.layers`) turns one into parameter tangents.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from curvlab.layers import adapter_for
 
 
 def split_weight_matrix(module: nn.Module, matrix: Tensor) -> dict[str, Tensor]:
-    """The ``weight`` (and ``bias``) tangents of a Linear/Conv2d layer from an ``m × n`` matrix."""
-    tangents = {"weight": matrix[:, : module.weight[0].numel()].reshape(module.weight.shape)}
-    if getattr(module, "bias", None) is not None:
-        tangents["bias"] = matrix[:, -1].reshape(module.bias.shape)
-    return tangents
+    """The ``weight`` (and ``bias``) tangents of a layer from an ``m × n`` direction matrix."""
+    adapter = adapter_for(module)
+    if adapter is None:
+        raise ValueError(f"{type(module).__name__} has no K-FAC adapter")
+    weight, bias = adapter.from_matrix(module, matrix)
+    return {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
 
 
 def quadratic_form_at_logits(logits: Tensor, u: Tensor) -> Tensor:
@@ -35,6 +43,18 @@ def quadratic_form_at_logits(logits: Tensor, u: Tensor) -> Tensor:
     p = torch.softmax(logits, dim=-1)
     per_location = (p * u * u).sum(-1) - (p * u).sum(-1) ** 2
     return per_location.reshape(per_location.shape[0], -1).sum(-1)
+
+
+def _jvp_reverse(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]):
+    """``(fn(*primals), J v)`` by double backward, for operations without forward-mode AD."""
+    with torch.enable_grad():
+        params = tuple(p.detach().requires_grad_(True) for p in primals)
+        out = fn(*params)
+        dummy = torch.zeros_like(out, requires_grad=True)
+        grads = torch.autograd.grad(out, params, grad_outputs=dummy, create_graph=True)
+        inner = sum((g * t).sum() for g, t in zip(grads, tangents, strict=True))
+        (jv,) = torch.autograd.grad(inner, dummy)
+    return out.detach(), jv
 
 
 def directional_curvature(
@@ -55,15 +75,36 @@ def directional_curvature(
     ]
     totals = torch.zeros(len(directions), dtype=torch.float64, device=device)
     count = 0
-    for inputs, _ in batches:
-        inputs = inputs.to(device)
-
-        def logits_of(*layer_params: Tensor, inputs: Tensor = inputs) -> Tensor:
-            replaced = dict(params, **dict(zip(names.values(), layer_params, strict=True)))
-            return functional_call(model, replaced, (inputs,))
-
-        for k, tangent in enumerate(tangents):
-            logits, u = jvp(logits_of, primals, tangent)
-            totals[k] += quadratic_form_at_logits(logits.double(), u.double()).sum()
-        count += inputs.shape[0]
+    forward_mode = True
+    # Fused attention kernels have neither forward-mode nor double-backward derivatives; the math
+    # kernel is made of ordinary differentiable operations.
+    with sdpa_kernel(SDPBackend.MATH):
+        for inputs, _ in batches:
+            logits_of = logits_of_factory(model, params, names, inputs.to(device))
+            forward_mode = _accumulate_batch(logits_of, primals, tangents, totals, forward_mode)
+            count += inputs.shape[0]
     return totals / count
+
+
+def logits_of_factory(model: nn.Module, params: dict, names: dict, inputs: Tensor) -> Callable[..., Tensor]:
+    """``layer params -> logits`` on ``inputs`` with every other parameter fixed."""
+
+    def logits_of(*layer_params: Tensor) -> Tensor:
+        replaced = dict(params, **dict(zip(names.values(), layer_params, strict=True)))
+        return functional_call(model, replaced, (inputs,))
+
+    return logits_of
+
+
+def _accumulate_batch(logits_of, primals, tangents, totals: Tensor, forward_mode: bool) -> bool:
+    """Add ``Σ_n u_n^T H_n u_n`` of one batch for every direction; returns whether jvp still works."""
+    for k, tangent in enumerate(tangents):
+        if forward_mode:
+            try:
+                logits, u = jvp(logits_of, primals, tangent)
+            except (RuntimeError, NotImplementedError):
+                forward_mode = False  # an operation without a forward-mode derivative
+        if not forward_mode:
+            logits, u = _jvp_reverse(logits_of, primals, tangent)
+        totals[k] += quadratic_form_at_logits(logits.double(), u.double()).sum()
+    return forward_mode

@@ -147,8 +147,10 @@ class KFEProjector:
             adapter = layer_math.adapter_for(module)
             if adapter is None:
                 raise ValueError(f"layer {name}: {type(module).__name__} has no K-FAC adapter")
-            device = next(module.parameters()).device
-            basis = LayerBasis(*(t.to(device=device, dtype=torch.float64) for t in vars(basis).values()))
+            # projections run in the model's precision; the sums are accumulated in float64
+            weight = next(module.parameters())
+            device = weight.device
+            basis = LayerBasis(*(t.to(device=device, dtype=weight.dtype) for t in vars(basis).values()))
             shape = (basis.Q_S.shape[0], basis.Q_A.shape[0])
             zeros = [torch.zeros(shape, dtype=torch.float64, device=device) for _ in range(3)]
             self.layers[name] = (module, adapter, basis, _LayerSums(*zeros))
@@ -169,7 +171,7 @@ class KFEProjector:
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             if not self._recording:
                 return
-            a = adapter.inputs(module, inputs[0].detach()).to(torch.float64)
+            a = adapter.inputs(module, inputs[0].detach())
             if adapter.has_bias(module):
                 a = layer_math.augment(a)
             sums.inputs.append(a)
@@ -217,7 +219,7 @@ class KFEProjector:
         position = 0
         for name, (module, adapter, basis, sums) in self.layers.items():
             for a in sums.inputs:
-                g = adapter.output_grads(module, grads[position]).to(torch.float64)
+                g = adapter.output_grads(module, grads[position])
                 position += 1
                 if is_curvature:
                     for _, c2 in _coefficients(a, g, basis, self.orders[name]):
@@ -237,7 +239,7 @@ class KFEProjector:
             mean = sums.sum_c / n
             variance = (sums.sum_c2 - n * mean * mean) / (n - 1)
             result[name] = DirectionStatistics(
-                kfac_eigenvalue=basis.kfac_eigenvalues().cpu().numpy(),
+                kfac_eigenvalue=basis.kfac_eigenvalues().double().cpu().numpy(),
                 mean=mean.cpu().numpy(),
                 variance=variance.clamp_min(0).cpu().numpy(),
                 second_moment=(sums.sum_c2 / n).cpu().numpy(),
@@ -253,10 +255,10 @@ def _coefficients(a: Tensor, g: Tensor, basis: LayerBasis, order: str) -> Iterab
     if order == "outer":
         g_hat = g[:, 0] @ basis.Q_S
         a_hat = a[:, 0]
-        yield g_hat.T @ a_hat, (g_hat * g_hat).T @ (a_hat * a_hat)
+        yield (g_hat.T @ a_hat).double(), ((g_hat * g_hat).T @ (a_hat * a_hat)).double()
         return
     m, n = basis.Q_S.shape[0], basis.Q_A.shape[0]
-    chunk = max(1, CHUNK_BYTES // (8 * m * n))
+    chunk = max(1, CHUNK_BYTES // (8 * m * n))  # the float64 copy of a chunk of coefficients
     for start in range(0, a.shape[0], chunk):
         a_chunk, g_chunk = a[start : start + chunk], g[start : start + chunk]
         if order == "project_first":
@@ -264,6 +266,7 @@ def _coefficients(a: Tensor, g: Tensor, basis: LayerBasis, order: str) -> Iterab
         else:
             gradients = torch.bmm(g_chunk.transpose(1, 2), a_chunk)
             c = basis.Q_S.T @ gradients @ basis.Q_A
+        c = c.double()
         yield c.sum(dim=0), (c * c).sum(dim=0)
 
 

@@ -14,6 +14,18 @@ preconditioning — is written once.
 * ``nn.Conv2d``, weight ``(c_out, c_in, kh, kw)`` with ``groups == 1``: the locations are the output
   pixels, ``a_t`` is the unfolded input patch at pixel ``t`` (length ``c_in*kh*kw``, ordered like the
   flattened weight) and ``g_t`` the output gradient there (seed eq. 15, Grosse & Martens 2016).
+* ``nn.Embedding``, weight ``E`` of shape ``(V, d)``: the layer ``s = E^T a`` with ``a`` the one-hot
+  token (so ``W = E^T``, ``m = d``, ``n = V``), one location per token. The one-hot inputs are never
+  built: their second moment is diagonal, ``Σ_t a_t a_t^T = diag(token counts)``, and the adapter
+  declares ``input_kind = "diagonal"`` and returns the counts (a length-``V`` vector).
+* A weight ``E`` ``(V, d)`` shared by an ``nn.Embedding`` and a pre-softmax ``nn.Linear(d, V)`` (seed
+  eq. 16) is one :class:`TiedPair`, handled by :class:`TiedEmbeddingAdapter`: ``W = E`` (the Linear's
+  orientation) and its gradient is a sum of rank-one terms ``v u^T`` from both uses — ``(g_t, a_t)``
+  of the Linear and ``(onehot_t, h_t)`` of the Embedding (``h_t`` its output gradient); see
+  ``docs/factors.md`` for how they are pooled.
+
+Each adapter also maps the layer's parameters to ``W`` and back (:meth:`LinearAdapter.to_matrix`,
+:meth:`LinearAdapter.from_matrix`), which the K-FAC optimizer uses to precondition gradients.
 
 The bias is handled by augmenting ``a`` with a trailing 1 (the bias is the last column of ``W``); the
 adapters return ``a`` *without* that column, and :func:`augment` adds it where a caller needs it.
@@ -33,6 +45,7 @@ class LinearAdapter:
     """``nn.Linear``: ``s = W a + b`` at each location (leading dims beyond the batch are locations)."""
 
     module_type: str = "Linear"
+    input_kind: str = "dense"
 
     def inputs(self, module: nn.Linear, x: Tensor) -> Tensor:
         """``a`` in normal form ``[B, T, n]`` from the module's input ``(B, ..., n)``."""
@@ -56,6 +69,18 @@ class LinearAdapter:
         """``None`` if the module is supported, else the reason it is not."""
         return None
 
+    def parameters(self, module: nn.Linear) -> tuple[Tensor, Tensor | None]:
+        """The tensors that make up ``W``: ``(weight, bias or None)``."""
+        return module.weight, module.bias
+
+    def to_matrix(self, module: nn.Linear, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """``W = [weight | bias]`` (``m × n[+1]``) from weight-shaped and bias-shaped tensors."""
+        return weight_matrix(module, weight, bias)
+
+    def from_matrix(self, module: nn.Linear, matrix: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Inverse of :meth:`to_matrix`: ``(weight-shaped, bias-shaped or None)``."""
+        return _split_matrix(matrix, module.weight.shape, module.bias is not None)
+
 
 @dataclass(frozen=True)
 class Conv2dAdapter:
@@ -68,6 +93,7 @@ class Conv2dAdapter:
     """
 
     module_type: str = "Conv2d"
+    input_kind: str = "dense"
 
     def _padded_channels_last(self, module: nn.Conv2d, x: Tensor) -> Tensor:
         if isinstance(module.padding, str) or module.padding_mode != "zeros":
@@ -135,6 +161,16 @@ class Conv2dAdapter:
             return f"groups={module.groups} (only groups=1 is supported)"
         return None
 
+    def parameters(self, module: nn.Conv2d) -> tuple[Tensor, Tensor | None]:
+        return module.weight, module.bias
+
+    def to_matrix(self, module: nn.Conv2d, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """``W = [weight.flatten(1) | bias]`` (``c_out × (c_in·kh·kw)[+1]``)."""
+        return weight_matrix(module, weight, bias)
+
+    def from_matrix(self, module: nn.Conv2d, matrix: Tensor) -> tuple[Tensor, Tensor | None]:
+        return _split_matrix(matrix, module.weight.shape, module.bias is not None)
+
 
 CHUNK_BYTES = 4 * 2**20
 
@@ -146,11 +182,154 @@ def _examples_per_chunk(one_example: Tensor, module: nn.Conv2d) -> int:
     return max(1, CHUNK_BYTES // max(per_example, 1))
 
 
-LayerAdapter = LinearAdapter | Conv2dAdapter
+@dataclass(frozen=True)
+class EmbeddingAdapter:
+    """``nn.Embedding`` with weight ``E`` ``(V, d)``: ``s_t = E^T a_t``, ``a_t`` the one-hot token ``t``.
+
+    As a layer ``s = W a`` its matrix is ``W = E^T`` (``d × V``), so the output factor ``S`` is
+    ``d × d`` (dense, from the output gradients ``g_t = dL/ds_t``, one location per token) and the
+    input factor is ``Σ_t a_t a_t^T = diag(c)`` with ``c_v`` the number of occurrences of token ``v``:
+    :meth:`input_second_moment` returns ``c`` (length ``V``) without building a one-hot tensor.
+    Tokens equal to ``padding_idx`` get no gradient in PyTorch, so they are not counted.
+    """
+
+    module_type: str = "Embedding"
+    input_kind: str = "diagonal"
+
+    def inputs(self, module: nn.Embedding, x: Tensor) -> Tensor:
+        """The one-hot inputs ``[B, T, V]``, materialised (memory ``B·T·V``: for small vocabularies).
+
+        Factor capture never calls this (it uses :meth:`input_second_moment`).
+        """
+        ids = self.token_ids(module, x)
+        one_hot = F.one_hot(ids, module.num_embeddings).to(module.weight.dtype)
+        if module.padding_idx is not None:
+            one_hot[..., module.padding_idx] = 0
+        return one_hot
+
+    def token_ids(self, module: nn.Embedding, x: Tensor) -> Tensor:
+        """The token ids as ``[B, T]`` (every dimension after the batch is a location)."""
+        return x.reshape(x.shape[0], -1)
+
+    def input_second_moment(self, module: nn.Embedding, x: Tensor) -> Tensor:
+        """``Σ_{b,t} a a^T`` as its diagonal: the token counts ``c`` (length ``V``), float64."""
+        return token_counts(module, x)
+
+    def output_grads(self, module: nn.Embedding, grad_output: Tensor) -> Tensor:
+        """``g`` in normal form ``[B, T, d]`` from the gradient w.r.t. the output ``(B, ..., d)``."""
+        return grad_output.reshape(grad_output.shape[0], -1, grad_output.shape[-1])
+
+    def weight_shape(self, module: nn.Embedding) -> tuple[int, ...]:
+        """``(V, d)``, ``nn.Embedding``'s own order (docs/format.md)."""
+        return tuple(module.weight.shape)
+
+    def has_bias(self, module: nn.Embedding) -> bool:
+        return False
+
+    def supports(self, module: nn.Module) -> str | None:
+        if module.sparse:
+            return "sparse=True (sparse gradients)"
+        if module.scale_grad_by_freq:
+            return "scale_grad_by_freq=True (the gradient is no longer g a^T)"
+        return None
+
+    def parameters(self, module: nn.Embedding) -> tuple[Tensor, Tensor | None]:
+        return module.weight, None
+
+    def to_matrix(self, module: nn.Embedding, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """``W = E^T`` (``d × V``)."""
+        return weight.T
+
+    def from_matrix(self, module: nn.Embedding, matrix: Tensor) -> tuple[Tensor, Tensor | None]:
+        return matrix.T, None
+
+
+def token_counts(module: nn.Embedding, x: Tensor) -> Tensor:
+    """How often each of the ``V`` tokens occurs in ``x`` (float64; ``padding_idx`` counts 0)."""
+    counts = torch.bincount(x.reshape(-1), minlength=module.num_embeddings).to(torch.float64)
+    if module.padding_idx is not None:
+        counts[module.padding_idx] = 0
+    return counts
+
+
+@dataclass(frozen=True, eq=False)
+class TiedPair:
+    """A weight ``E`` ``(V, d)`` shared by an ``nn.Embedding`` and a pre-softmax ``nn.Linear(d, V)``."""
+
+    linear: nn.Linear
+    embedding: nn.Embedding
+
+
+@dataclass(frozen=True)
+class TiedEmbeddingAdapter:
+    """The shared embedding / pre-softmax weight (seed eq. 16), in the pre-softmax Linear's orientation.
+
+    ``W = E`` (``V × d``, plus the Linear's bias column if it has one). The gradient of one example is
+    a sum of rank-one terms ``v u^T`` with a V-side vector ``v`` and a d-side vector ``u``:
+
+    * the pre-softmax Linear at token ``t``: ``v = g_t`` (gradient of its output, the logits) and
+      ``u = a_t`` (its input, augmented by 1 with a bias);
+    * the Embedding at token ``t``: ``v = onehot(x_t)`` and ``u = h_t`` (gradient of its output,
+      augmented by 0 with a bias: the embedding does not touch the bias column).
+
+    The methods below give each source's sums over a batch; the factors pool them (docs/factors.md):
+    ``A`` (d-side, dense) sums ``u u^T`` over all terms, ``S`` (V-side, diagonal) averages ``diag(v v^T)``
+    over the terms of an example.
+    """
+
+    module_type: str = "TiedEmbedding"
+    input_kind: str = "dense"
+    output_kind: str = "diagonal"
+
+    def linear_input_moment(self, pair: TiedPair, x: Tensor) -> tuple[Tensor, int]:
+        """``Σ_{b,t} a a^T`` (d-side, bias-augmented) of the Linear's input, and its tokens per example."""
+        a = LinearAdapter().inputs(pair.linear, x)
+        return second_moment(a, pair.linear.bias is not None), a.shape[1]
+
+    def linear_output_moment(self, pair: TiedPair, grad_output: Tensor) -> Tensor:
+        """``Σ_{b,t} diag(g g^T) = Σ_{b,t} g ∘ g`` (V-side) of the logit gradients."""
+        g = grad_output.reshape(-1, grad_output.shape[-1])
+        return (g * g).sum(dim=0)
+
+    def embedding_input_moment(self, pair: TiedPair, x: Tensor) -> tuple[Tensor, int]:
+        """``Σ_{b,t} onehot onehot^T`` (V-side, diagonal: the token counts), and tokens per example."""
+        ids = EmbeddingAdapter().token_ids(pair.embedding, x)
+        return token_counts(pair.embedding, ids), ids.shape[1]
+
+    def embedding_output_moment(self, pair: TiedPair, grad_output: Tensor) -> Tensor:
+        """``Σ_{b,t} h h^T`` (d-side) of the embedding's output gradients, zero-padded for a bias."""
+        h = grad_output.reshape(-1, grad_output.shape[-1])
+        core = h.T @ h
+        if pair.linear.bias is None:
+            return core
+        return F.pad(core, (0, 1, 0, 1))
+
+    def weight_shape(self, pair: TiedPair) -> tuple[int, ...]:
+        """``(V, d)``: the pre-softmax Linear's ``(out, in)``."""
+        return tuple(pair.linear.weight.shape)
+
+    def has_bias(self, pair: TiedPair) -> bool:
+        return pair.linear.bias is not None
+
+    def supports(self, pair: TiedPair) -> str | None:
+        return EmbeddingAdapter().supports(pair.embedding)
+
+    def parameters(self, pair: TiedPair) -> tuple[Tensor, Tensor | None]:
+        return pair.linear.weight, pair.linear.bias
+
+    def to_matrix(self, pair: TiedPair, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return weight_matrix(pair.linear, weight, bias)
+
+    def from_matrix(self, pair: TiedPair, matrix: Tensor) -> tuple[Tensor, Tensor | None]:
+        return _split_matrix(matrix, pair.linear.weight.shape, pair.linear.bias is not None)
+
+
+LayerAdapter = LinearAdapter | Conv2dAdapter | EmbeddingAdapter
 
 _ADAPTERS: dict[type[nn.Module], LayerAdapter] = {
     nn.Linear: LinearAdapter(),
     nn.Conv2d: Conv2dAdapter(),
+    nn.Embedding: EmbeddingAdapter(),
 }
 
 
@@ -173,6 +352,15 @@ def weight_matrix(module: nn.Module, weight: Tensor, bias: Tensor | None) -> Ten
     if bias is not None:
         matrix = torch.cat([matrix, bias.reshape(-1, 1)], dim=1)
     return matrix
+
+
+def _split_matrix(
+    matrix: Tensor, weight_shape: tuple[int, ...], has_bias: bool
+) -> tuple[Tensor, Tensor | None]:
+    """``(weight-shaped, bias-shaped or None)`` from ``W = [weight.flatten(1) | bias]``."""
+    if has_bias:
+        return matrix[:, :-1].reshape(weight_shape), matrix[:, -1]
+    return matrix.reshape(weight_shape), None
 
 
 def second_moment(a: Tensor, has_bias: bool) -> Tensor:

@@ -164,3 +164,23 @@ def test_split_weight_matrix_round_trip():
     t = split_weight_matrix(conv, matrix)
     assert t["weight"].shape == conv.weight.shape and t["bias"].shape == (3,)
     torch.testing.assert_close(t["weight"].flatten(1), matrix[:, :-1])
+
+
+def test_reverse_mode_fallback_equals_forward_mode():
+    """The double-backward ``J v`` (used where an op lacks forward-mode AD) gives the same curvature."""
+    from curvlab import curvature
+
+    model, shape, classes = _models()["cnn"]
+    x, y = _data(4, shape, classes)
+    directions = [torch.randn(3, 2 * 9 + 1, dtype=torch.float64) for _ in range(2)]
+    forward = directional_curvature(model, "0", directions, [(x, y)])
+    original = curvature.jvp
+    try:
+        def broken(*args, **kwargs):
+            raise NotImplementedError("no forward-mode derivative")
+
+        curvature.jvp = broken
+        reverse = directional_curvature(model, "0", directions, [(x, y)])
+    finally:
+        curvature.jvp = original
+    torch.testing.assert_close(reverse, forward, rtol=1e-12, atol=0)

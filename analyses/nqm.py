@@ -1,0 +1,15 @@
+"""Figs. 11, 13, 14a-c and 15: the noisy quadratic model (``python -m analyses.nqm 11|13|14|15``)."""
+
+from __future__ import annotations
+
+import sys
+
+from analyses.config import FIGURES, SETTINGS, run_curvlab
+
+
+def main(number: str) -> None:
+    run_curvlab("nqm", "figure", number, "--out", str(FIGURES), "--mode", SETTINGS["nqm_mode"])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
