@@ -24,11 +24,12 @@ SMALL = {
     "resnet8": {
         "data": "digits",
         "batch_size": 1438,
-        "steps": 200,
-        "save_steps": "0,10,50,100,200",
+        "steps": 100,
+        "save_steps": "0,10,25,50,100",
         "lr": 0.1,
         "model_args": [],
         "gradcov_examples": 512,
+        "gradcov_directions": 4,
     },
     # Fig. 10b: the shallow Transformer with the tied embedding, small enough for a CPU.
     "transformer": {
@@ -38,7 +39,8 @@ SMALL = {
         "save_steps": "0,60",
         "lr": 0.05,
         "model_args": ["d_model=64", "d_ff=256", "heads=4", "layers=2", "seq_len=32", "vocab=2048"],
-        "gradcov_examples": 256,
+        "gradcov_examples": 128,
+        "gradcov_directions": 2,  # the jvp cross-check through attention dominates the cost
     },
     "nqm_mode": "binned",
 }
@@ -52,6 +54,7 @@ PAPER = {
         "lr": 0.1,
         "model_args": [],
         "gradcov_examples": 4096,
+        "gradcov_directions": 4,
     },
     "transformer": {
         "data": "pystdlib",
@@ -61,11 +64,38 @@ PAPER = {
         "lr": 0.05,
         "model_args": ["d_model=512", "d_ff=2048", "heads=8", "layers=2", "seq_len=64", "vocab=32768"],
         "gradcov_examples": 2048,
+        "gradcov_directions": 2,
     },
     "nqm_mode": "exact",
 }
 
-SETTINGS: dict[str, Any] = PAPER if SCALE == "paper" else SMALL
+# A miniature of the whole pipeline for the test suite: every step runs, on tiny sizes.
+TINY = {
+    "resnet8": {
+        "data": "digits",
+        "batch_size": 64,
+        "steps": 3,
+        "save_steps": "0,3",
+        "lr": 0.05,
+        "model_args": ["widths=4,4,8"],
+        "gradcov_examples": 64,
+        "gradcov_directions": 2,
+    },
+    "transformer": {
+        "data": "pystdlib",
+        "batch_size": 16,
+        "steps": 2,
+        "save_steps": "0,2",
+        "lr": 0.05,
+        "model_args": ["d_model=16", "d_ff=32", "heads=2", "layers=2", "seq_len=8", "vocab=256"],
+        "gradcov_examples": 16,
+        "gradcov_directions": 1,
+    },
+    "nqm_mode": "binned",
+    "nqm_args": ["--d", "1000", "--bins", "20"],
+}
+
+SETTINGS: dict[str, Any] = {"paper": PAPER, "tiny": TINY}.get(SCALE, SMALL)
 
 
 def run_curvlab(*argv: str) -> None:

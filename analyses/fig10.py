@@ -15,10 +15,12 @@ RUNS = {"a": "resnet8", "b": "transformer"}
 
 def main(panel: str) -> None:
     name = RUNS[panel]
+    s = SETTINGS[name]
     summary = capture_json(
-        "gradcov", str(run_dir(name) / "ckpt.h5"), "--examples", str(SETTINGS[name]["gradcov_examples"]),
-        "--batch-size", "64", "--device", DEVICE, "-o", str(FIGURES / "data" / f"{name}.gradcov.h5"),
-        "--plot", str(FIGURES / f"fig10{panel}.png"),
+        "gradcov", str(run_dir(name) / "ckpt.h5"),
+        "--examples", str(s["gradcov_examples"]), "--batch-size", "64",
+        "--directions", str(s["gradcov_directions"]), "--device", DEVICE,
+        "-o", str(FIGURES / "data" / f"{name}.gradcov.h5"), "--plot", str(FIGURES / f"fig10{panel}.png"),
     )
     write_json(FIGURES / f"fig10{panel}.json", summary)
 

@@ -45,7 +45,7 @@ def fig09() -> dict[str, Any]:
     if not data:
         return {}
     steps = data["steps"]
-    late = [s for s in steps if s["step"] >= 100] or steps[-2:]
+    late = [s for s in steps if s["step"] >= 50] or steps[-2:]
     drift = 0.0
     if len(late) >= 2:
         a, b = late[-2]["quantiles"], late[-1]["quantiles"]
@@ -60,7 +60,7 @@ def fig09() -> dict[str, Any]:
             "max_over_median_last_step": top_over_median[-1] if top_over_median else None,
             "max_abs_log10_quantile_change_between_last_two_late_steps": drift,
         },
-        "criterion": "the 10/50/90% quantiles of the last two saved steps from step 100 on differ by "
+        "criterion": "the 10/50/90% quantiles of the last two saved steps from step 50 on differ by "
         "less than a factor of 3 (|log10| < 0.5)",
         "held": bool(drift < 0.5) if len(late) >= 2 else None,
     }

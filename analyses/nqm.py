@@ -8,7 +8,8 @@ from analyses.config import FIGURES, SETTINGS, run_curvlab
 
 
 def main(number: str) -> None:
-    run_curvlab("nqm", "figure", number, "--out", str(FIGURES), "--mode", SETTINGS["nqm_mode"])
+    extra = SETTINGS.get("nqm_args", [])
+    run_curvlab("nqm", "figure", number, "--out", str(FIGURES), "--mode", SETTINGS["nqm_mode"], *extra)
 
 
 if __name__ == "__main__":

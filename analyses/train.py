@@ -20,6 +20,7 @@ def run_dir(name: str):
 def main(name: str) -> None:
     s = SETTINGS[name]
     out = run_dir(name)
+    out.parent.mkdir(parents=True, exist_ok=True)
     argv = [
         "train", "--model", MODELS[name], "--data", s["data"], "--optimizer", "kfac",
         "--steps", str(s["steps"]), "--batch-size", str(s["batch_size"]), "--lr", str(s["lr"]),
