@@ -86,6 +86,8 @@ class _LayerSums:
     sum_c: Tensor
     sum_c2: Tensor
     sum_curvature: Tensor
+    basis_A: Tensor | None = None
+    input_rows: tuple[Tensor, Tensor | None] | None = None
     inputs: list[Tensor] = field(default_factory=list)
     outputs: list[Tensor] = field(default_factory=list)
 
@@ -153,7 +155,7 @@ class KFEProjector:
             basis = LayerBasis(*(t.to(device=device, dtype=weight.dtype) for t in vars(basis).values()))
             shape = (basis.Q_S.shape[0], basis.Q_A.shape[0])
             zeros = [torch.zeros(shape, dtype=torch.float64, device=device) for _ in range(3)]
-            self.layers[name] = (module, adapter, basis, _LayerSums(*zeros))
+            self.layers[name] = (module, adapter, basis, _LayerSums(*zeros, basis_A=basis.Q_A))
         self._handles: list[Any] = []
         self._recording = False
 
@@ -171,9 +173,9 @@ class KFEProjector:
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             if not self._recording:
                 return
-            a = adapter.inputs(module, inputs[0].detach())
-            if adapter.has_bias(module):
-                a = layer_math.augment(a)
+            a, order = adapter.inputs_any_order(module, inputs[0].detach())
+            if sums.input_rows is None:
+                sums.input_rows = _input_rows(sums.basis_A, order, adapter.has_bias(module))
             sums.inputs.append(a)
             sums.outputs.append(output)
 
@@ -213,7 +215,7 @@ class KFEProjector:
             order = contraction_order(a.shape[1], basis.Q_S.shape[0], basis.Q_A.shape[0], passes)
             self.orders[name] = order
             if order != "gradient_first":
-                sums.inputs[:] = [x @ basis.Q_A for x in sums.inputs]
+                sums.inputs[:] = [_project_inputs(x, sums.input_rows) for x in sums.inputs]
 
     def _accumulate(self, grads: Sequence[Tensor], weight: float, is_curvature: bool) -> None:
         position = 0
@@ -222,10 +224,10 @@ class KFEProjector:
                 g = adapter.output_grads(module, grads[position])
                 position += 1
                 if is_curvature:
-                    for _, c2 in _coefficients(a, g, basis, self.orders[name]):
+                    for _, c2 in _coefficients(a, g, basis, sums.input_rows, self.orders[name]):
                         sums.sum_curvature.add_(c2, alpha=weight)
                 else:
-                    for c, c2 in _coefficients(a, g, basis, self.orders[name]):
+                    for c, c2 in _coefficients(a, g, basis, sums.input_rows, self.orders[name]):
                         sums.sum_c.add_(c)
                         sums.sum_c2.add_(c2)
 
@@ -250,7 +252,26 @@ class KFEProjector:
         return result
 
 
-def _coefficients(a: Tensor, g: Tensor, basis: LayerBasis, order: str) -> Iterable[tuple[Tensor, Tensor]]:
+def _input_rows(Q_A: Tensor, order: Tensor | None, has_bias: bool) -> tuple[Tensor, Tensor | None]:
+    """``Q_A`` split for inputs in the adapter's feature order: ``(rows, bias_row)`` such that
+    ``[a_w, 1] Q_A = a_u rows + bias_row`` when ``a_w = a_u[..., order]`` (weight order)."""
+    n = Q_A.shape[0] - int(has_bias)
+    rows = Q_A[:n]
+    if order is not None:
+        rows = torch.empty_like(rows).index_copy_(0, order, rows)
+    return rows, (Q_A[n] if has_bias else None)
+
+
+def _project_inputs(a: Tensor, input_rows: tuple[Tensor, Tensor | None]) -> Tensor:
+    """``Â = [a, 1] Q_A`` without building the bias-augmented or weight-ordered copy of ``a``."""
+    rows, bias_row = input_rows
+    projected = a @ rows
+    return projected if bias_row is None else projected.add_(bias_row)
+
+
+def _coefficients(
+    a: Tensor, g: Tensor, basis: LayerBasis, input_rows: tuple[Tensor, Tensor | None], order: str
+) -> Iterable[tuple[Tensor, Tensor]]:
     """Yield ``(Σ_n c_n, Σ_n c_n²)`` over chunks of the batch (``a`` projected unless gradient-first)."""
     if order == "outer":
         g_hat = g[:, 0] @ basis.Q_S
@@ -259,13 +280,17 @@ def _coefficients(a: Tensor, g: Tensor, basis: LayerBasis, order: str) -> Iterab
         return
     m, n = basis.Q_S.shape[0], basis.Q_A.shape[0]
     chunk = max(1, CHUNK_BYTES // (8 * m * n))  # the float64 copy of a chunk of coefficients
+    rows, bias_row = input_rows
     for start in range(0, a.shape[0], chunk):
         a_chunk, g_chunk = a[start : start + chunk], g[start : start + chunk]
         if order == "project_first":
             c = torch.bmm((g_chunk @ basis.Q_S).transpose(1, 2), a_chunk)
         else:
-            gradients = torch.bmm(g_chunk.transpose(1, 2), a_chunk)
-            c = basis.Q_S.T @ gradients @ basis.Q_A
+            # G_n = g_n^T [a_n, 1]; its bias column is Σ_t g_nt
+            rotated = torch.bmm(g_chunk.transpose(1, 2), a_chunk) @ rows
+            if bias_row is not None:
+                rotated += g_chunk.sum(dim=1).unsqueeze(-1) * bias_row
+            c = basis.Q_S.T @ rotated
         c = c.double()
         yield c.sum(dim=0), (c * c).sum(dim=0)
 

@@ -51,6 +51,10 @@ class LinearAdapter:
         """``a`` in normal form ``[B, T, n]`` from the module's input ``(B, ..., n)``."""
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
+    def inputs_any_order(self, module: nn.Linear, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """:meth:`inputs` in the adapter's cheapest feature order, and that order (None: the weight's)."""
+        return self.inputs(module, x), None
+
     def input_second_moment(self, module: nn.Linear, x: Tensor) -> Tensor:
         """``Σ_{b,t} a a^T`` over a batch (bias-augmented)."""
         return second_moment(self.inputs(module, x), self.has_bias(module))
@@ -126,6 +130,12 @@ class Conv2dAdapter:
         """Unfolded patches ``[B, H_out*W_out, c_in*kh*kw]``, in the order of ``W.flatten(1)``."""
         patches = self._offset_major_patches(module, self._padded_channels_last(module, x))
         return patches[..., self._weight_order(module).to(patches.device)]
+
+    def inputs_any_order(self, module: nn.Conv2d, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Offset-major patches and ``order`` with ``inputs(module, x) = patches[..., order]``: one copy
+        fewer than :meth:`inputs`; a consumer permutes its small ``n × n`` matrices instead."""
+        patches = self._offset_major_patches(module, self._padded_channels_last(module, x))
+        return patches, self._weight_order(module).to(patches.device)
 
     def input_second_moment(self, module: nn.Conv2d, x: Tensor) -> Tensor:
         """``Σ_{b,t} a a^T`` (bias-augmented), computed in chunks of examples of about 4 MiB of patches.
@@ -206,6 +216,10 @@ class EmbeddingAdapter:
         if module.padding_idx is not None:
             one_hot[..., module.padding_idx] = 0
         return one_hot
+
+    def inputs_any_order(self, module: nn.Embedding, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """:meth:`inputs` (the one-hot order is the weight's)."""
+        return self.inputs(module, x), None
 
     def token_ids(self, module: nn.Embedding, x: Tensor) -> Tensor:
         """The token ids as ``[B, T]`` (every dimension after the batch is a location)."""

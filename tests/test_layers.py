@@ -80,3 +80,12 @@ def test_adapter_lookup():
     assert isinstance(adapter_for(nn.Conv2d(2, 2, 1)), Conv2dAdapter)
     assert adapter_for(nn.ReLU()) is None
     assert Conv2dAdapter().supports(nn.Conv2d(4, 4, 1, groups=2)) is not None
+
+
+@pytest.mark.parametrize("kwargs", CONVS)
+def test_conv_inputs_any_order_is_a_permutation_of_inputs(kwargs):
+    torch.manual_seed(2)
+    conv = nn.Conv2d(3, 4, **kwargs).double()
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64)
+    patches, order = Conv2dAdapter().inputs_any_order(conv, x)
+    torch.testing.assert_close(patches[..., order], Conv2dAdapter().inputs(conv, x), rtol=0, atol=0)
