@@ -50,8 +50,8 @@ def gradcov(d: dict) -> str:
         q = m["ratios"]
         parts.append(
             f"{name}: vmap(grad) **{q['vmap_grad_over_curvlab_time']:.1f}×** time and "
-            f"**{q['vmap_grad_over_curvlab_memory']:.0f}×** memory of curvlab, BackPACK "
-            f"{q['backpack_over_curvlab_time']:.1f}× / {q['backpack_over_curvlab_memory']:.0f}×; "
+            f"**{q['vmap_grad_over_curvlab_memory']:.1f}×** memory of curvlab, BackPACK "
+            f"{q['backpack_over_curvlab_time']:.1f}× / {q['backpack_over_curvlab_memory']:.1f}×; "
             f"one v^T F v = {q['one_vFv_over_gradient_pass']:.2f}× a gradient pass"
         )
     return (
