@@ -747,10 +747,10 @@ def _parse_float(text: str | None, name: str, *, low: float | None = None, high:
     if high is not None:
         bad |= value >= high if high_open else value > high
     if bad:
-        lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
-        hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
-        raise OptionError(f"{name} must be a finite number" + (f" in {lo}, {hi}" if lo or hi else "")
-                          + f", got {text}")
+        lo = "(-inf" if low is None else ("(" if low_open else "[") + f"{low:g}"
+        hi = "inf)" if high is None else f"{high:g}" + (")" if high_open else "]")
+        where = f" in {lo}, {hi}" if low is not None or high is not None else ""
+        raise OptionError(f"{name} must be a finite number{where}, got {text}")
     return value
 
 
