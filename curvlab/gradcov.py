@@ -87,7 +87,7 @@ class _LayerSums:
     sum_c2: Tensor
     sum_curvature: Tensor
     basis_A: Tensor | None = None
-    input_rows: tuple[Tensor, Tensor | None] | None = None
+    input_rows: tuple[Tensor, Tensor | None] | None = None  # Q_A rows for the prepared inputs' order
     inputs: list[Tensor] = field(default_factory=list)
     outputs: list[Tensor] = field(default_factory=list)
 
@@ -173,10 +173,7 @@ class KFEProjector:
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             if not self._recording:
                 return
-            a, order = adapter.inputs_any_order(module, inputs[0].detach())
-            if sums.input_rows is None:
-                sums.input_rows = _input_rows(sums.basis_A, order, adapter.has_bias(module))
-            sums.inputs.append(a)
+            sums.inputs.append(inputs[0].detach())  # raw; prepared per contraction order below
             sums.outputs.append(output)
 
         return hook
@@ -210,24 +207,34 @@ class KFEProjector:
 
     def _prepare_inputs(self, passes: int) -> None:
         """Project the inputs once per batch where the contraction order wants ``Â = a Q_A``."""
-        for name, (_, _, basis, sums) in self.layers.items():
-            a = sums.inputs[0]
-            order = contraction_order(a.shape[1], basis.Q_S.shape[0], basis.Q_A.shape[0], passes)
+        for name, (module, adapter, basis, sums) in self.layers.items():
+            locations = adapter.output_grads(module, sums.outputs[0].detach()).shape[1]
+            order = contraction_order(locations, basis.Q_S.shape[0], basis.Q_A.shape[0], passes)
             self.orders[name] = order
-            if order != "gradient_first":
-                sums.inputs[:] = [_project_inputs(x, sums.input_rows) for x in sums.inputs]
+            has_bias = adapter.has_bias(module)
+            if order == "gradient_first":
+                # raw inputs stay; per-example gradients come in the weight's order
+                sums.input_rows = _input_rows(sums.basis_A, None, has_bias)
+                continue
+            prepared = []
+            for x in sums.inputs:
+                a, feature_order = adapter.inputs_any_order(module, x)
+                sums.input_rows = _input_rows(sums.basis_A, feature_order, has_bias)
+                prepared.append(_project_inputs(a, sums.input_rows))
+            sums.inputs[:] = prepared
 
     def _accumulate(self, grads: Sequence[Tensor], weight: float, is_curvature: bool) -> None:
         position = 0
         for name, (module, adapter, basis, sums) in self.layers.items():
             for a in sums.inputs:
-                g = adapter.output_grads(module, grads[position])
+                layer = _Layer(module, adapter, basis, sums.input_rows)
+                grad_output = grads[position]
                 position += 1
                 if is_curvature:
-                    for _, c2 in _coefficients(a, g, basis, sums.input_rows, self.orders[name]):
+                    for _, c2 in _coefficients(a, grad_output, layer, self.orders[name]):
                         sums.sum_curvature.add_(c2, alpha=weight)
                 else:
-                    for c, c2 in _coefficients(a, g, basis, sums.input_rows, self.orders[name]):
+                    for c, c2 in _coefficients(a, grad_output, layer, self.orders[name]):
                         sums.sum_c.add_(c)
                         sums.sum_c2.add_(c2)
 
@@ -269,10 +276,25 @@ def _project_inputs(a: Tensor, input_rows: tuple[Tensor, Tensor | None]) -> Tens
     return projected if bias_row is None else projected.add_(bias_row)
 
 
+@dataclass
+class _Layer:
+    """What the coefficient kernels need of one layer."""
+
+    module: nn.Module
+    adapter: layer_math.LayerAdapter
+    basis: LayerBasis
+    input_rows: tuple[Tensor, Tensor | None]
+
+
 def _coefficients(
-    a: Tensor, g: Tensor, basis: LayerBasis, input_rows: tuple[Tensor, Tensor | None], order: str
+    a: Tensor, grad_output: Tensor, layer: _Layer, order: str
 ) -> Iterable[tuple[Tensor, Tensor]]:
-    """Yield ``(Σ_n c_n, Σ_n c_n²)`` over chunks of the batch (``a`` projected unless gradient-first)."""
+    """Yield ``(Σ_n c_n, Σ_n c_n²)`` over chunks of the batch.
+
+    ``a`` is the projected input ``Â`` (outer, project-first) or the layer's raw input (gradient-first).
+    """
+    basis = layer.basis
+    g = layer.adapter.output_grads(layer.module, grad_output)
     if order == "outer":
         g_hat = g[:, 0] @ basis.Q_S
         a_hat = a[:, 0]
@@ -280,14 +302,17 @@ def _coefficients(
         return
     m, n = basis.Q_S.shape[0], basis.Q_A.shape[0]
     chunk = max(1, CHUNK_BYTES // (8 * m * n))  # the float64 copy of a chunk of coefficients
-    rows, bias_row = input_rows
+    rows, bias_row = layer.input_rows
     for start in range(0, a.shape[0], chunk):
         a_chunk, g_chunk = a[start : start + chunk], g[start : start + chunk]
         if order == "project_first":
             c = torch.bmm((g_chunk @ basis.Q_S).transpose(1, 2), a_chunk)
         else:
-            # G_n = g_n^T [a_n, 1]; its bias column is Σ_t g_nt
-            rotated = torch.bmm(g_chunk.transpose(1, 2), a_chunk) @ rows
+            # G_n = g_n^T [a_n, 1] from the adapter's per-example gradient; its bias column is Σ_t g_nt
+            gradients = layer.adapter.per_example_gradients(
+                layer.module, a_chunk, grad_output[start : start + chunk]
+            )
+            rotated = gradients @ rows
             if bias_row is not None:
                 rotated += g_chunk.sum(dim=1).unsqueeze(-1) * bias_row
             c = basis.Q_S.T @ rotated

@@ -89,3 +89,24 @@ def test_conv_inputs_any_order_is_a_permutation_of_inputs(kwargs):
     x = torch.randn(2, 3, 9, 8, dtype=torch.float64)
     patches, order = Conv2dAdapter().inputs_any_order(conv, x)
     torch.testing.assert_close(patches[..., order], Conv2dAdapter().inputs(conv, x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        *CONVS,
+        {"kernel_size": 3, "padding": "same"},
+        {"kernel_size": 3, "padding": 1, "padding_mode": "reflect"},
+    ],
+)
+def test_conv_per_example_gradients_equal_patch_products(kwargs):
+    """The weight-gradient kernel gives ``Σ_t g_t a_t^T`` per example, in the weight's order."""
+    torch.manual_seed(3)
+    conv = nn.Conv2d(3, 4, **kwargs).double()
+    x = torch.randn(3, 3, 9, 8, dtype=torch.float64)
+    grad_output = torch.randn_like(conv(x))
+    adapter = Conv2dAdapter()
+    expected = torch.bmm(adapter.output_grads(conv, grad_output).transpose(1, 2), adapter.inputs(conv, x))
+    torch.testing.assert_close(
+        adapter.per_example_gradients(conv, x, grad_output), expected, rtol=1e-12, atol=1e-12
+    )
