@@ -53,6 +53,25 @@ def commit(tmp: str, path: str | os.PathLike) -> None:
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Same path, or two names (links) of one existing file: an output must never be its input."""
+    if os.path.abspath(a) == os.path.abspath(b):
+        return True
+    try:
+        return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def derived_path(source: str | os.PathLike, suffix: str) -> str:
+    """``x.h5`` -> ``x<suffix>`` next to the input (``.hdf5``/``.hdf`` too; other names get it appended)."""
+    path = os.fspath(source)
+    base, ext = os.path.splitext(path)
+    if ext.lower() not in (".h5", ".hdf5", ".hdf"):
+        base = path
+    return base + suffix
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temp path to write; on success it replaces ``path``, on any exception it is removed.

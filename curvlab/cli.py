@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from curvlab import __version__
+from curvlab.atomic import derived_path, same_file
 from curvlab.errors import CheckpointError, CurvlabError, OptionError
 
 if TYPE_CHECKING:
@@ -147,8 +148,8 @@ def run_factors(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     output = os.path.abspath(args.output)
-    if args.weights and os.path.exists(output) and os.path.samefile(output, args.weights):
-        raise OptionError(f"{args.output}: refusing to write into the --weights input; choose another -o")
+    if args.weights:
+        _refuse_input_as_output(args.weights, output)
     _check_writable(args.output)
     source = _weights_source(args)
     name = args.model or (source.model_name if source else None)
@@ -312,22 +313,15 @@ def _spectrum_steps(text: str) -> int | str:
     return value
 
 
-def _spectrum_same_file(a: str, b: str) -> bool:
-    """Same path, or two names of one existing file (a link)."""
-    if os.path.abspath(a) == os.path.abspath(b):
-        return True
-    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
-
-
 def run_spectrum(args: argparse.Namespace) -> int:
     from curvlab.spectrum import compute_spectrum, default_output_path, format_summary, spectrum_summary
 
     steps = _spectrum_steps(args.step)
     output = args.output or default_output_path(args.checkpoint)
     for path, what in ((output, "-o"), (args.plot, "--plot")):
-        if path and _spectrum_same_file(path, args.checkpoint):
+        if path and same_file(path, args.checkpoint):
             raise OptionError(f"{path}: refusing to overwrite the input checkpoint; choose another {what}")
-    if args.plot and _spectrum_same_file(args.plot, output):
+    if args.plot and same_file(args.plot, output):
         raise OptionError(f"{args.plot}: --plot and -o name the same file")
     _check_writable(output)
     if args.plot:
@@ -414,7 +408,7 @@ def run_gradcov(args: argparse.Namespace) -> int:
     from curvlab.restore import rebuild_model
 
     device = resolve_device(args.device)
-    output = args.output or _derived_path(args.checkpoint, ".gradcov.h5")
+    output = args.output or derived_path(args.checkpoint, ".gradcov.h5")
     _refuse_input_as_output(args.checkpoint, output)
     _check_writable(output)
     if args.plot:
@@ -483,15 +477,9 @@ def _checkpoint_layers(path: str, step: int) -> dict[str, str]:
         return {name: reader.layer_meta(step, name)[0] for name in reader.layer_names(step)}
 
 
-def _derived_path(path: str, suffix: str) -> str:
-    """``run/ckpt.h5`` -> ``run/ckpt<suffix>``: outputs go next to the input, never into it."""
-    stem = path[:-3] if path.endswith(".h5") else path
-    return stem + suffix
-
-
-def _refuse_input_as_output(source: str, output: str) -> None:
-    if os.path.exists(output) and os.path.exists(source) and os.path.samefile(output, source):
-        raise OptionError(f"{output}: refusing to overwrite the input checkpoint; choose another -o")
+def _refuse_input_as_output(source: str, output: str, what: str = "-o") -> None:
+    if same_file(output, source):
+        raise OptionError(f"{output}: refusing to overwrite the input {source}; choose another {what}")
 
 
 # -------------------------------------------------------------------------------------------- fit
@@ -553,12 +541,7 @@ def run_fit(args: argparse.Namespace) -> int:
         raise OptionError(f"--confidence {args.confidence}: must lie strictly between 0 and 1")
     resolve_device(args.device)
     if args.plot:
-        same = os.path.abspath(args.plot) == os.path.abspath(args.checkpoint) or (
-            os.path.exists(args.plot) and os.path.exists(args.checkpoint)
-            and os.path.samefile(args.plot, args.checkpoint)
-        )
-        if same:
-            raise OptionError(f"{args.plot}: refusing to overwrite the input; choose another --plot")
+        _refuse_input_as_output(args.checkpoint, args.plot, "--plot")
         _check_writable(args.plot)
     number, layers = load_layer_eigenvalues(
         args.checkpoint, step=step, layers=args.layers, device=args.device, progress=not args.quiet

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
-from curvlab.atomic import atomic_output
+from curvlab.atomic import atomic_output, derived_path, same_file
 from curvlab.checkpoint import (
     CheckpointReader,
     IncompleteStepWarning,
@@ -1057,11 +1057,7 @@ class SpectrumResult:
 
 def default_output_path(checkpoint: str | os.PathLike) -> str:
     """``x.h5`` -> ``x.spectrum.h5`` next to the input (``.hdf5``/``.hdf`` too; else appended)."""
-    path = os.fspath(checkpoint)
-    base, ext = os.path.splitext(path)
-    if ext.lower() not in (".h5", ".hdf5", ".hdf"):
-        base = path
-    return base + ".spectrum.h5"
+    return derived_path(checkpoint, ".spectrum.h5")
 
 
 def _write_layer_attrs(
@@ -1126,15 +1122,6 @@ def _spectrum_step(
     return result
 
 
-def _same_file(a: str, b: str) -> bool:
-    if os.path.abspath(a) == os.path.abspath(b):
-        return True
-    try:
-        return os.path.exists(b) and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def compute_spectrum(
     checkpoint: str | os.PathLike,
     output: str | os.PathLike | None = None,
@@ -1159,7 +1146,7 @@ def compute_spectrum(
     _check_dtype_name(dtype)
     dev = _resolve_device(device)
     out = default_output_path(source) if output is None else os.fspath(output)
-    if out and _same_file(source, out):
+    if out and same_file(source, out):
         raise OptionError(
             f"{out}: refusing to write the spectrum into the input checkpoint; choose another -o"
         )
