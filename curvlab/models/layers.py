@@ -157,6 +157,19 @@ def normalize_channels_(weight: Tensor) -> Tensor:
     return weight
 
 
+@torch.no_grad()
+def init_weight_normalized_convs_(model: nn.Module) -> tuple[str, ...]:
+    """He-normal init of every conv, projected to unit norm per output channel; BN and ``fc`` keep
+    PyTorch's defaults. Returns the convs' module paths (the model's ``weight_normalized``)."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+            normalize_channels_(module.weight)
+            names.append(name)
+    return tuple(names)
+
+
 def weight_normalized_convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
     """``(path, conv)`` of every convolution listed in ``model.weight_normalized`` (empty if none)."""
     paths = getattr(model, "weight_normalized", ())

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from curvlab.models.layers import GhostBatchNorm2d, normalize_channels_, project_weights_
-from curvlab.models.resnet8 import shortcut
+from curvlab.models.layers import GhostBatchNorm2d, init_weight_normalized_convs_, project_weights_
+from curvlab.models.resnet8 import shortcut, validate_stage_widths
 
 DEFAULTS: dict[str, object] = {"widths": [16, 32, 64], "blocks": 5, "ghost_batch": 32, "label_smoothing": 0.1}
 NUM_STAGES = 3
@@ -76,16 +75,7 @@ class ResNet32(nn.Module):
             stages.append(nn.ModuleList(stage))
         self.stages = nn.ModuleList(stages)
         self.fc = nn.Linear(previous, num_classes)
-        self.weight_normalized = tuple(n for n, m in self.named_modules() if isinstance(m, nn.Conv2d))
-        self._init_weights()
-
-    @torch.no_grad()
-    def _init_weights(self) -> None:
-        """He-normal convs projected to unit channel norm; BN gamma 1, beta 0; default ``fc`` init."""
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
-                normalize_channels_(module.weight)
+        self.weight_normalized = init_weight_normalized_convs_(self)
 
     def project_weights_(self) -> None:
         """Restore unit Frobenius norm of every conv output channel (call after each optimiser step)."""
@@ -102,11 +92,9 @@ class ResNet32(nn.Module):
 
 def validate(args: dict[str, object]) -> str | None:
     """``None`` if the arguments are valid, else why not."""
-    widths = args["widths"]
-    if len(widths) != NUM_STAGES:
-        return f"widths must have {NUM_STAGES} entries (one per stage), got {widths}"
-    if any(b < a for a, b in zip(widths[:-1], widths[1:], strict=True)):
-        return f"widths must be non-decreasing (parameter-free shortcuts), got {widths}"
+    problem = validate_stage_widths(args["widths"])
+    if problem:
+        return problem
     if not 0.0 <= args["label_smoothing"] < 1.0:
         return f"label_smoothing must be in [0, 1), got {args['label_smoothing']}"
     return None

@@ -102,14 +102,18 @@ class ResNet8(nn.Module):
         return self.fc(h.mean(dim=(2, 3)))
 
 
-def validate(args: dict[str, object]) -> str | None:
-    """``None`` if the arguments are valid, else why not."""
-    widths = args["widths"]
+def validate_stage_widths(widths: Sequence[int]) -> str | None:
+    """One width per stage, non-decreasing (the parameter-free shortcuts can only add channels)."""
     if len(widths) != NUM_STAGES:
         return f"widths must have {NUM_STAGES} entries (one per stage), got {widths}"
     if any(b < a for a, b in zip(widths[:-1], widths[1:], strict=True)):
         return f"widths must be non-decreasing (parameter-free shortcuts), got {widths}"
     return None
+
+
+def validate(args: dict[str, object]) -> str | None:
+    """``None`` if the arguments are valid, else why not."""
+    return validate_stage_widths(args["widths"])
 
 
 def build(input_shape: Sequence[int], num_classes: int, widths: list[int], bias: bool) -> ResNet8:

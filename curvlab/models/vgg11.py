@@ -18,11 +18,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from curvlab.models.layers import GhostBatchNorm2d, normalize_channels_, project_weights_
+from curvlab.models.layers import GhostBatchNorm2d, init_weight_normalized_convs_, project_weights_
 
 DEFAULTS: dict[str, object] = {
     "channels": [64, 128, 256, 256, 512, 512, 512, 512],
@@ -80,16 +79,7 @@ class VGG11(nn.Module):
             c = width
         self.blocks = nn.ModuleList(blocks)
         self.fc = nn.Linear(c * h_out * w_out, num_classes)
-        self.weight_normalized = tuple(n for n, m in self.named_modules() if isinstance(m, nn.Conv2d))
-        self._init_weights()
-
-    @torch.no_grad()
-    def _init_weights(self) -> None:
-        """He-normal convs projected to unit channel norm; BN gamma 1, beta 0; default ``fc`` init."""
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
-                normalize_channels_(module.weight)
+        self.weight_normalized = init_weight_normalized_convs_(self)
 
     def project_weights_(self) -> None:
         """Restore unit Frobenius norm of every conv output channel (call after each optimiser step)."""
