@@ -81,12 +81,25 @@ def train_step(d: dict) -> str:
     return "| training step: K-FAC vs SGD with momentum | " + "; ".join(parts) + " | |"
 
 
+def distributed(d: dict) -> str:
+    by = {(c["processes"], c["threads_per_process"]): c["median_s"] for c in d["configurations"]}
+    return (
+        "| factor capture in 2 processes (torchrun, gloo) vs 1: ResNet8, 2,048 inputs, batch 128 | "
+        f"2 processes × 1 thread {by[(2, 1)]:.2f} s: **{d['speedup_2proc_vs_1x1']:.2f}×** faster than 1 × 1 "
+        f"thread ({by[(1, 1)]:.2f} s), scaling efficiency **{d['scaling_efficiency']:.2f}**; all-reduce "
+        f"{100 * d['all_reduce_share']:.1f}% of the run | 1 process × 2 threads {by[(1, 2)]:.2f} s "
+        f"(2 processes are {d['speedup_2proc_vs_1x2']:.2f}× its speed); factors agree to "
+        f"{d['factors_max_rel_diff_2proc_vs_1proc']:.0e} |"
+    )
+
+
 ROWS = {
     "factor_capture": factor_capture,
     "spectrum": spectrum,
     "gradcov": gradcov,
     "nqm_sweep": nqm_sweep,
     "train_step": train_step,
+    "distributed": distributed,
 }
 
 

@@ -23,15 +23,29 @@ if TYPE_CHECKING:
 EXIT_USAGE = 2
 
 
+# Commands that share their work across the processes of ``torchrun`` (docs/distributed.md).
+DISTRIBUTED_COMMANDS = ("factors", "gradcov", "spectrum", "train")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``curvlab`` console script; returns the exit status."""
+    """Entry point of the ``curvlab`` console script; returns the exit status.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the command joins the process group first
+    (:mod:`curvlab.distributed`); only process 0 writes files and prints the summary.
+    """
+    from curvlab import distributed
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.handler(args) or 0)
+        if distributed.launched() and args.command not in DISTRIBUTED_COMMANDS:
+            raise OptionError(f"curvlab {args.command} runs in one process; start it without torchrun "
+                              f"(distributed commands: {', '.join(DISTRIBUTED_COMMANDS)})")
+        with distributed.session():
+            return int(args.handler(args) or 0)
     except CurvlabError as exc:
-        print(f"curvlab: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_USAGE
+        print(f"curvlab: error: {_process_prefix(exc)}{_one_line(exc)}", file=sys.stderr)
+        return int(getattr(exc, "exit_status", EXIT_USAGE))
     except KeyboardInterrupt:
         print("curvlab: interrupted", file=sys.stderr)
         return 130
@@ -39,6 +53,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
+
+
+def _process_prefix(exc: BaseException) -> str:
+    """``process R of W: `` under torchrun (a distributed error names its process itself)."""
+    from curvlab.distributed import DistributedError, launched
+
+    if not launched() or isinstance(exc, DistributedError):
+        return ""
+    return f"process {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')}: "
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,17 +163,20 @@ def _positive_int(text: str) -> int:
 def run_factors(args: argparse.Namespace) -> int:
     import torch
 
+    from curvlab import distributed
     from curvlab.data import iterate_batches, load_dataset
     from curvlab.device import resolve_device
     from curvlab.factors import collect_factors, save_factors
     from curvlab.models import build_model, data_options, model_config, parse_model_args
     from curvlab.restore import load_weights
 
+    ctx = distributed.context()
     device = resolve_device(args.device)
     output = os.path.abspath(args.output)
     if args.weights:
         _refuse_input_as_output(args.weights, output)
-    _check_writable(args.output)
+    if ctx.is_main:
+        _check_writable(args.output)
     source = _weights_source(args)
     name = args.model or (source.model_name if source else None)
     if name is None:
@@ -171,6 +197,7 @@ def run_factors(args: argparse.Namespace) -> int:
             raise OptionError(f"--as-step must be a non-negative step number, got {args.as_step}")
         step = args.as_step
     model.to(device).eval()
+    distributed.barrier("checking the options")
     factors = collect_factors(
         model,
         iterate_batches(data, args.batch_size),
@@ -181,6 +208,8 @@ def run_factors(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.quiet,
     )
+    if not ctx.is_main:
+        return 0
     config = model_config(name, data.input_shape, data.num_classes, model_args)
     config["data"] = data_spec
     _write(
@@ -314,8 +343,10 @@ def _spectrum_steps(text: str) -> int | str:
 
 
 def run_spectrum(args: argparse.Namespace) -> int:
+    from curvlab import distributed
     from curvlab.spectrum import compute_spectrum, default_output_path, format_summary, spectrum_summary
 
+    ctx = distributed.context()
     steps = _spectrum_steps(args.step)
     output = args.output or default_output_path(args.checkpoint)
     for path, what in ((output, "-o"), (args.plot, "--plot")):
@@ -323,9 +354,11 @@ def run_spectrum(args: argparse.Namespace) -> int:
             raise OptionError(f"{path}: refusing to overwrite the input checkpoint; choose another {what}")
     if args.plot and same_file(args.plot, output):
         raise OptionError(f"{args.plot}: --plot and -o name the same file")
-    _check_writable(output)
-    if args.plot:
-        _check_writable(args.plot)
+    if ctx.is_main:
+        _check_writable(output)
+        if args.plot:
+            _check_writable(args.plot)
+    distributed.barrier("checking the options")
     result = compute_spectrum(
         args.checkpoint,
         output,
@@ -336,6 +369,8 @@ def run_spectrum(args: argparse.Namespace) -> int:
         vectors=not args.no_vectors,
         progress=not args.quiet,
     )
+    if not ctx.is_main:  # its share went to process 0, which writes, plots and prints
+        return 0
     summary = spectrum_summary(result)
     if args.plot:
         from curvlab.plots.spectrum import plot_eigenvalue_density
@@ -401,18 +436,21 @@ def run_gradcov(args: argparse.Namespace) -> int:
 
     import torch
 
+    from curvlab import distributed
     from curvlab.data import iterate_batches, load_dataset
     from curvlab.device import resolve_device
     from curvlab.gradcov import bases_from_checkpoint, run_gradcov, summarize, write_result
     from curvlab.models import data_options
     from curvlab.restore import rebuild_model
 
+    ctx = distributed.context()
     device = resolve_device(args.device)
     output = args.output or derived_path(args.checkpoint, ".gradcov.h5")
     _refuse_input_as_output(args.checkpoint, output)
-    _check_writable(output)
-    if args.plot:
-        _check_writable(args.plot)
+    if ctx.is_main:
+        _check_writable(output)
+        if args.plot:
+            _check_writable(args.plot)
     if args.directions < 0:
         raise OptionError(f"--directions must be >= 0, got {args.directions}")
     model, source = rebuild_model(args.checkpoint, args.step)
@@ -444,10 +482,13 @@ def run_gradcov(args: argparse.Namespace) -> int:
     batches = [
         (x.to(dtype) if x.is_floating_point() else x, y) for x, y in iterate_batches(data, args.batch_size)
     ]
+    distributed.barrier("checking the options")
     result = run_gradcov(
         model, batches, bases, route=route, directions=args.directions, mc_samples=args.mc_samples,
         seed=args.seed, progress=not args.quiet,
     )
+    if not ctx.is_main:
+        return 0
     attrs = {"source": os.path.abspath(args.checkpoint), "step": source.step, "data": data_spec}
     _write(lambda: write_result(output, result, attrs), output)
     summary = summarize(result)
@@ -1003,6 +1044,7 @@ def _step_list(text: str) -> list[int]:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from curvlab import distributed
     from curvlab.device import resolve_device
     from curvlab.models import parse_model_args
     from curvlab.train import TrainConfig, default_data, read_config, train
@@ -1024,6 +1066,8 @@ def run_train(args: argparse.Namespace) -> int:
         options.setdefault("data", default_data(options["model"], options.get("model_args")))
     summary = train(TrainConfig(**options), args.output, resume=args.resume, device=device,
                     progress=not args.quiet)
+    if not distributed.context().is_main:
+        return 0  # under torchrun only process 0 reports
     if args.json:
         print(json.dumps(summary))
     else:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from curvlab import distributed
 from curvlab.layers import adapter_for
 
 
@@ -63,7 +64,11 @@ def directional_curvature(
     directions: Sequence[Tensor],
     batches: Iterable[tuple[Tensor, Tensor]],
 ) -> Tensor:
-    """``v^T F v`` of the true Fisher (= GGN) for each ``m × n`` direction of ``layer`` (float64)."""
+    """``v^T F v`` of the true Fisher (= GGN) for each ``m × n`` direction of ``layer`` (float64).
+
+    Under ``torchrun`` each process takes every ``world_size``-th batch and the sums are all-reduced
+    (:mod:`curvlab.distributed`); every process returns the mean over all the data.
+    """
     module = model.get_submodule(layer)
     device = next(model.parameters()).device
     names = {key: f"{layer}.{key}" for key in ("weight", "bias") if getattr(module, key, None) is not None}
@@ -79,11 +84,13 @@ def directional_curvature(
     # Fused attention kernels have neither forward-mode nor double-backward derivatives; the math
     # kernel is made of ordinary differentiable operations.
     with sdpa_kernel(SDPBackend.MATH):
-        for inputs, _ in batches:
+        for _, (inputs, _) in distributed.my_batches(batches):
             logits_of = logits_of_factory(model, params, names, inputs.to(device))
             forward_mode = _accumulate_batch(logits_of, primals, tangents, totals, forward_mode)
             count += inputs.shape[0]
-    return totals / count
+    counts = torch.tensor([count], dtype=torch.int64, device=device)
+    distributed.all_reduce_sum([totals, counts], f"adding up the curvature of layer {layer}")
+    return totals / int(counts.item())
 
 
 def logits_of_factory(model: nn.Module, params: dict, names: dict, inputs: Tensor) -> Callable[..., Tensor]:

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from curvlab import distributed
 from curvlab import layers as layer_math
 from curvlab.checkpoint import LayerFactors, Step, append_step, save
 from curvlab.errors import OptionError
@@ -260,12 +261,15 @@ class FactorAccumulator:
 
         return hook
 
-    def forward(self, inputs: Tensor, *, record: bool = True) -> Tensor:
+    def forward(self, inputs: Tensor, *, record: bool = True, module: nn.Module | None = None) -> Tensor:
         """``model(inputs)``; with ``record`` the hooks add the batch's ``Σ a a^T`` and keep the
-        layer outputs for :meth:`accumulate_output_factors`, which must be called next."""
+        layer outputs for :meth:`accumulate_output_factors`, which must be called next.
+
+        ``module``: what to call instead of the model, e.g. its ``DistributedDataParallel`` wrapper
+        (the hooks sit on the model's own layers, so they fire either way and keep their names)."""
         self._recording = record
         try:
-            logits = self.model(inputs)
+            logits = (self.model if module is None else module)(inputs)
         except BaseException:
             self._end_batch()
             raise
@@ -282,12 +286,15 @@ class FactorAccumulator:
         return logits.detach()
 
     def accumulate_output_factors(
-        self, logits: Tensor, labels: Tensor | None, *, retain_graph: bool = False
+        self, logits: Tensor, labels: Tensor | None, *, retain_graph: bool = False,
+        rows: tuple[int, int] | None = None,
     ) -> None:
         """Add ``Σ (1/T) g g^T`` of the recorded forward pass, one backward pass per Fisher sample.
 
         The gradients are taken with respect to the recorded layer outputs only (no parameter
         ``.grad`` is touched); ``retain_graph=True`` keeps the graph for a training backward pass.
+        ``rows=(offset, total)``: these are examples ``offset …`` of a batch of ``total`` split across
+        processes; Monte-Carlo labels are drawn for the whole batch (:func:`curvlab.loss.batch_uniforms`).
         """
         try:
             states = [s for s in self.layers.values() if s.outputs]
@@ -298,7 +305,8 @@ class FactorAccumulator:
                 raise ValueError("a hooked layer's output does not require grad (frozen weights?)")
             samples = list(
                 logit_gradient_samples(
-                    logits, labels, self.fisher, mc_samples=self.mc_samples, generator=self.generator
+                    logits, labels, self.fisher, mc_samples=self.mc_samples, generator=self.generator,
+                    rows=rows,
                 )
             )
             for k, (u, weight) in enumerate(samples):
@@ -325,6 +333,36 @@ class FactorAccumulator:
             for name, state in self.layers.items()
             if state.A_sum is not None and state.S_sum is not None
         }
+
+    def reduce(self) -> None:
+        """Add up the sums and example counts of all processes (:mod:`curvlab.distributed`), in place.
+
+        A no-op in a single process. One collective carries every layer's ``A`` and ``S`` sums and the
+        example count; a process that saw no batch (or never used a layer) contributes zeros of the
+        shapes the others report.
+        """
+        if not distributed.context().active:
+            return
+        states = list(self.layers.values())
+        # per factor: [ndim + 1 (0 when absent), size, size or 0]; the maximum over processes
+        shapes: list[int] = []
+        for state in states:
+            for total in (state.A_sum, state.S_sum):
+                dims = [] if total is None else list(total.shape)
+                shapes += [0 if total is None else len(dims) + 1, *dims, *[0] * (2 - len(dims))]
+        shapes = distributed.all_reduce_max_int(shapes, "agreeing on the factor shapes")
+        device = next(self.model.parameters()).device
+        tensors = []
+        for k, (state, attr) in enumerate((s, a) for s in states for a in ("A_sum", "S_sum")):
+            ndim_plus_one, *dims = shapes[3 * k : 3 * k + 3]
+            if ndim_plus_one == 0:
+                continue  # no process used this layer
+            if getattr(state, attr) is None:
+                setattr(state, attr, torch.zeros(dims[: ndim_plus_one - 1], dtype=self.dtype, device=device))
+            tensors.append(getattr(state, attr))
+        count = torch.tensor([self.num_examples], dtype=torch.int64, device=device)
+        distributed.all_reduce_sum([*tensors, count], "adding up the factor sums")
+        self.num_examples = int(count.item())
 
     def reset(self) -> None:
         """Forget the sums (the hooks stay): the next batch starts new means."""
@@ -433,15 +471,23 @@ def collect_factors(
     ``fisher`` is ``"empirical"``, ``"mc"`` (``mc_samples`` labels per example, sampled with ``seed``)
     or ``"exact"``; ``layers`` are fnmatch globs of module paths (default: all supported layers);
     ``dtype`` is the accumulator precision. Returns a :class:`FactorSet`.
+
+    The Monte-Carlo labels of batch ``k`` are drawn with the seed ``(seed, k)``
+    (:func:`curvlab.distributed.batch_seed`). Under ``torchrun`` each process takes every
+    ``world_size``-th batch and the sums are all-reduced at the end, so every process returns the
+    factors of all the data, equal to the single-process ones up to the order of additions.
     """
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=device)
     accumulator = FactorAccumulator(
         model, fisher=fisher, mc_samples=mc_samples, layers=layers, dtype=dtype, generator=generator
     )
+    ctx = distributed.context()
     with accumulator:
-        for inputs, labels in _progress(batches, progress):
+        for k, (inputs, labels) in distributed.my_batches(_progress(batches, progress and ctx.is_main), ctx):
+            generator.manual_seed(distributed.batch_seed(seed, k))
             accumulator.add_batch(inputs.to(device), labels.to(device))
+    accumulator.reduce()
     return accumulator.factors()
 
 

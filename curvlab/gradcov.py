@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from curvlab import distributed
 from curvlab import layers as layer_math
 from curvlab.curvature import directional_curvature
 from curvlab.loss import logit_gradient_samples
@@ -238,6 +239,14 @@ class KFEProjector:
                         sums.sum_c.add_(c)
                         sums.sum_c2.add_(c2)
 
+    def reduce(self) -> None:
+        """Add up the sums ``Σ c``, ``Σ c²``, the curvature sums and the example count of all processes
+        (one collective; a no-op in a single process)."""
+        sums = [t for *_, s in self.layers.values() for t in (s.sum_c, s.sum_c2, s.sum_curvature)]
+        count = torch.tensor([self.num_examples], dtype=torch.int64, device=sums[0].device if sums else "cpu")
+        distributed.all_reduce_sum([*sums, count], "adding up the gradient statistics")
+        self.num_examples = int(count.item())
+
     def statistics(self) -> dict[str, DirectionStatistics]:
         """Mean, unbiased variance, second moment and curvature of every direction of every layer."""
         n = self.num_examples
@@ -330,17 +339,25 @@ def project_gradients(
     seed: int = 0,
     progress: bool = False,
 ) -> dict[str, DirectionStatistics]:
-    """KFE statistics of every layer in ``bases`` over ``batches`` (see the module docstring)."""
+    """KFE statistics of every layer in ``bases`` over ``batches`` (see the module docstring).
+
+    Monte-Carlo labels of batch ``k`` are drawn with the seed ``(seed, k)``; under ``torchrun`` each
+    process takes every ``world_size``-th batch and the sums are all-reduced once at the end
+    (:mod:`curvlab.distributed`), so every process returns the statistics of all the data.
+    """
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=device)
     projector = KFEProjector(model, bases, curvature=curvature, mc_samples=mc_samples, generator=generator)
-    if progress:
+    ctx = distributed.context()
+    if progress and ctx.is_main:
         from tqdm import tqdm
 
         batches = tqdm(batches, desc="gradcov", unit="batch", leave=False)
     with projector:
-        for inputs, labels in batches:
+        for k, (inputs, labels) in distributed.my_batches(batches, ctx):
+            generator.manual_seed(distributed.batch_seed(seed, k))
             projector.add_batch(inputs.to(device), labels.to(device))
+    projector.reduce()
     return projector.statistics()
 
 

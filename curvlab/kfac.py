@@ -41,6 +41,17 @@ plain gradient. Every parameter then follows SGD with momentum ``μ`` and weight
 convention)::
 
     d = ν Δ (or the gradient) + w θ,      b ← μ b + d,      θ ← θ - η b.
+
+Several processes (``torchrun``, :mod:`curvlab.distributed`): each process holds a slice of the
+batch and calls the model through its ``DistributedDataParallel`` wrapper (``forward_module``), so
+``loss.backward()`` leaves the gradient of the whole batch's loss on every process. The extra
+backward passes to the layer outputs (``torch.autograd.grad``) reach no parameter, so DDP's
+gradient hooks do not fire for them. Before every factor update the sums ``Σ a a^T``, ``Σ g g^T`` and
+the example counts of all processes are added up (:meth:`FactorAccumulator.reduce`, one collective),
+so ``Â``, ``Ŝ`` are the statistics of the whole batch, and Monte-Carlo labels are drawn for the whole
+batch from the generator every process seeds alike and each process keeps its rows (``rows`` of
+:meth:`KFAC.backward`). With the same factors and the same ``G`` on every process, ``Σ_l ⟨Δ_l, G_l⟩``
+and hence ``ν`` are the same everywhere: every process takes the same step and the weights stay equal.
 """
 
 from __future__ import annotations
@@ -55,6 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from curvlab import distributed
 from curvlab.checkpoint import LayerFactors
 from curvlab.errors import CheckpointError, OptionError
 from curvlab.factors import FactorAccumulator, FactorSet, layer_factors
@@ -127,6 +139,8 @@ class KFAC:
 
     or ``opt.train_step(inputs, labels, loss_fn)``. ``lr`` may be changed between steps (schedules).
     The hooks stay on the model until :meth:`close` (or the end of a ``with`` block).
+    ``forward_module`` is what the training forward pass calls (default ``model``; under ``torchrun``
+    the model's ``DistributedDataParallel`` wrapper, see the module docstring).
     """
 
     def __init__(
@@ -146,6 +160,7 @@ class KFAC:
         layers: Sequence[str] | None = None,
         factor_dtype: torch.dtype = torch.float64,
         seed: int = 0,
+        forward_module: nn.Module | None = None,
     ) -> None:
         _check_range("lr", lr, 0.0)
         _check_range("damping", damping, 0.0, open_low=True)
@@ -159,6 +174,7 @@ class KFAC:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise OptionError(f"{name} must be a positive integer, got {value!r}")
         self.model = model
+        self.forward_module = model if forward_module is None else forward_module
         self.lr = float(lr)
         self.damping = float(damping)
         self.momentum = float(momentum)
@@ -224,24 +240,36 @@ class KFAC:
         return self.steps % self.factor_update_every == 0
 
     def forward(self, inputs: Tensor) -> Tensor:
-        """``model(inputs)``, recording the input statistics when a factor update is due."""
+        """``forward_module(inputs)``, recording the input statistics when a factor update is due."""
         self._recording = self.factor_update_due()
-        return self.accumulator.forward(inputs, record=self._recording)
+        return self.accumulator.forward(inputs, record=self._recording, module=self.forward_module)
 
-    def backward(self, logits: Tensor, labels: Tensor, loss: Tensor) -> None:
+    def backward(
+        self, logits: Tensor, labels: Tensor, loss: Tensor, *, rows: tuple[int, int] | None = None
+    ) -> None:
         """The output statistics of a recorded forward pass (one backward pass per Fisher sample, to the
-        layer outputs only), then ``loss.backward()`` on the same graph."""
+        layer outputs only), then ``loss.backward()`` on the same graph.
+
+        ``rows=(offset, total)``: the examples are ``offset …`` of a batch of ``total`` split across
+        processes; the Monte-Carlo labels are drawn for the whole batch and this slice's kept
+        (:func:`curvlab.loss.logit_gradient_samples`), so they do not depend on the split. Default: the
+        examples are the whole batch.
+        """
         self.loss_locations = math.prod(logits.shape[1:-1])
         if self._recording:
-            self.accumulator.accumulate_output_factors(logits, labels, retain_graph=True)
+            self.accumulator.accumulate_output_factors(logits, labels, retain_graph=True, rows=rows)
         loss.backward()
 
-    def train_step(self, inputs: Tensor, labels: Tensor, loss_fn: LossFn = mean_cross_entropy) -> Tensor:
-        """Zero the gradients, forward, backward and :meth:`step`; returns the (detached) loss."""
+    def train_step(
+        self, inputs: Tensor, labels: Tensor, loss_fn: LossFn = mean_cross_entropy, *,
+        rows: tuple[int, int] | None = None,
+    ) -> Tensor:
+        """Zero the gradients, forward, backward (``rows``: see :meth:`backward`) and :meth:`step`;
+        returns the (detached) loss."""
         self.zero_grad()
         logits = self.forward(inputs)
         loss = loss_fn(logits, labels)
-        self.backward(logits, labels, loss)
+        self.backward(logits, labels, loss, rows=rows)
         self.step()
         return loss.detach()
 
@@ -260,7 +288,11 @@ class KFAC:
         self.steps += 1
 
     def _update_factors(self) -> None:
-        """``A ← Â`` the first time, then ``A ← ε A + (1 - ε) Â`` (the same for ``S``)."""
+        """``A ← Â`` the first time, then ``A ← ε A + (1 - ε) Â`` (the same for ``S``).
+
+        ``Â``, ``Ŝ`` are the statistics of the whole batch: the sums and counts of all processes are
+        added up first (a no-op in one process)."""
+        self.accumulator.reduce()
         means = self.accumulator.means()
         self.num_factor_examples += self.accumulator.num_examples
         self.accumulator.reset()
@@ -363,12 +395,27 @@ class KFAC:
 
     @torch.no_grad()
     def initialize_factors(self, batches: Iterable[tuple[Tensor, Tensor]]) -> None:
-        """Set the running factors to their mean over ``batches`` (a first estimate before training)."""
+        """Set the running factors to their mean over ``batches`` (a first estimate before training).
+
+        As in :func:`curvlab.factors.collect_factors`: the Monte-Carlo labels of batch ``k`` are drawn
+        with the seed ``(seed, k)`` (:func:`curvlab.distributed.batch_seed`, a generator of their own:
+        the training generator is left as it is); under ``torchrun`` each process takes every
+        ``world_size``-th batch (:func:`curvlab.distributed.my_batches`) and the sums of all processes
+        are added up, so every process gets the factors of all the batches. The model is called
+        directly, not through ``forward_module``: the processes see different numbers of batches.
+        """
         device = next(self.model.parameters()).device
+        generator = torch.Generator(device=device)
         self.accumulator.reset()
-        with torch.enable_grad():
-            for inputs, labels in batches:
-                self.accumulator.add_batch(inputs.to(device), labels.to(device))
+        self.accumulator.generator = generator
+        try:
+            with torch.enable_grad():
+                for k, (inputs, labels) in distributed.my_batches(batches):
+                    generator.manual_seed(distributed.batch_seed(self.seed, k))
+                    self.accumulator.add_batch(inputs.to(device), labels.to(device))
+        finally:
+            self.accumulator.generator = self.generator
+        self.accumulator.reduce()
         means = self.accumulator.means()
         self.num_factor_examples = self.accumulator.num_examples
         self.accumulator.reset()

@@ -8,7 +8,10 @@ backpropagated logit-gradient vectors ``u``:
 
 * ``empirical``: ``u = p - e_y`` with the true label ``y``;
 * ``mc``: ``u = p - e_ŷ`` with ``ŷ ~ Categorical(p)``, k samples weighted ``1/k``; the expectation
-  over ``ŷ`` of ``u u^T`` is ``H``;
+  over ``ŷ`` of ``u u^T`` is ``H``. ``ŷ`` is drawn by inverse CDF from one uniform ``u`` per location
+  and sample (:func:`sample_categorical`); the uniforms of a whole batch are drawn at once, so a process
+  holding rows ``offset … offset + n`` of a larger batch can draw the uniforms of the whole batch and
+  keep its rows, getting the labels a single process would (``rows=(offset, total)``);
 * ``exact``: the C columns of a square root ``H = B B^T``. ``B = diag(√p) - p √p^T`` works, since
   ``B B^T = diag(p) - 2 p p^T + p (√p^T √p) p^T = diag(p) - p p^T`` because ``Σ p = 1``; its column
   ``c`` is ``√p_c (e_c - p)``.
@@ -38,11 +41,17 @@ def logit_gradient_samples(
     *,
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> Iterator[tuple[Tensor, float]]:
     """Yield ``(u, weight)``: logit-gradient vectors whose weighted outer products give the Fisher.
 
     ``sum_k weight_k * u_k u_k^T`` is, per location, ``(p - e_y)(p - e_y)^T`` (empirical), a k-sample
     Monte-Carlo estimate of ``H`` (mc), or exactly ``H = diag(p) - p p^T`` (exact, C vectors).
+
+    ``rows=(offset, total)`` (mc only): the ``n`` examples of ``logits`` are examples
+    ``offset … offset + n - 1`` of a batch of ``total``; the uniforms of all ``total`` examples are drawn
+    from ``generator`` and this slice's are used, so the labels, and the generator's state after, do
+    not depend on how the batch is split across processes. Default ``(0, n)``.
     """
     probs = torch.softmax(logits.detach(), dim=-1)
     if fisher_type == "empirical":
@@ -50,9 +59,9 @@ def logit_gradient_samples(
             raise ValueError("the empirical Fisher needs labels")
         yield probs - _one_hot_like(labels, probs), 1.0
     elif fisher_type == "mc":
-        flat = probs.reshape(-1, probs.shape[-1])
-        for _ in range(mc_samples):
-            sampled = torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+        uniforms = batch_uniforms(probs.shape[:-1], mc_samples, rows, generator, probs.device)
+        for k in range(mc_samples):
+            sampled = sample_categorical(probs, uniforms[k])
             yield probs - _one_hot_like(sampled, probs), 1.0 / mc_samples
     elif fisher_type == "exact":
         sqrt_probs = probs.sqrt()
@@ -62,6 +71,41 @@ def logit_gradient_samples(
             yield column, 1.0
     else:
         raise ValueError(f"unknown Fisher type {fisher_type!r}; choose one of {FISHER_TYPES}")
+
+
+def batch_uniforms(
+    shape: torch.Size | tuple[int, ...],
+    samples: int,
+    rows: tuple[int, int] | None,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> Tensor:
+    """``U[0, 1)`` draws (float64) of shape ``(samples, *shape)`` for the examples ``rows`` of a batch.
+
+    ``shape = (n, *locations)``; ``rows = (offset, total)`` draws ``(samples, total, *locations)`` and
+    keeps ``[:, offset : offset + n]``: the uniforms of example ``i`` of the batch are the same whoever
+    draws them.
+    """
+    n = shape[0]
+    offset, total = (0, n) if rows is None else rows
+    if offset < 0 or offset + n > total:
+        raise ValueError(f"rows {offset}..{offset + n} do not fit a batch of {total} examples")
+    full = torch.rand((samples, total, *shape[1:]), generator=generator, dtype=torch.float64, device=device)
+    return full[:, offset : offset + n]
+
+
+def sample_categorical(probs: Tensor, uniforms: Tensor) -> Tensor:
+    """Labels ``ŷ ~ Categorical(p)`` by inverse CDF: ``ŷ = #{c : P_c <= u P}``, clamped to ``C - 1``.
+
+    ``probs`` ``(..., C)``, uniforms ``u ~ U[0, 1)`` of shape ``(...)``. With the cumulative sums
+    ``P_c = p_0 + … + p_c`` (float64, ``P_{-1} = 0``) and their total ``P = P_{C-1}``, ``ŷ = c`` exactly
+    when ``P_{c-1} <= u P < P_c``, which has probability ``p_c / P``: the categorical distribution of
+    the given probabilities, renormalised by their rounded total (so a class of probability 0 is not
+    drawn). The clamp catches ``u P`` rounding up to ``P`` (``u`` within ``2^-53`` of 1).
+    """
+    cdf = probs.to(torch.float64).cumsum(-1)
+    threshold = (uniforms * cdf[..., -1]).unsqueeze(-1)
+    return (cdf <= threshold).sum(-1).clamp_max(probs.shape[-1] - 1)
 
 
 def loss_hessian(logits: Tensor) -> Tensor:

@@ -27,6 +27,19 @@ The command ``curvlab spectrum`` writes the eigenvalues and eigenvectors to a sp
 (``format = "curvlab.spectrum"``, documented in ``docs/format.md``, "Spectrum files"), computed by
 :func:`compute_spectrum`; :func:`load_layer_eigenvalues` reads either kind of file back.
 
+**Under torchrun** (:mod:`curvlab.distributed`, docs/distributed.md) each step's work is shared out
+by size: the units are the ``eigh`` calls one process would make (:func:`plan_batches`: a diagonal
+factor, or a batch of equal-size dense ones; big factors are always alone), largest first, each to
+the process with the least work so far (:func:`assign_batches`, LPT), the work of a factor being
+``n^3`` for a dense ``n x n`` one and ``n`` for a diagonal one. Every process reads only the layers
+that hold its factors, makes its calls with the engine above (same options, retries and clipping)
+and sends the results to process 0 point-to-point (eigenvalues and eigenvectors bit for bit, in the
+dtype they were computed in); process 0 writes the same spectrum file, summary and plot as one
+process. The results are identical to one process's because each factor's decomposition is the
+same computation wherever it runs: the same symmetrised input, at the same place of the same
+batched ``eigh`` call, in the same dtype, on the same kind of device. (Keeping the batches matters:
+MKL rounds a matrix differently at a batch offset that is not 16-byte aligned.)
+
 torch is imported only by the engine: ``KroneckerSpectrum`` and the spectrum-file reader need numpy
 and h5py only.
 """
@@ -34,13 +47,14 @@ and h5py only.
 from __future__ import annotations
 
 import fnmatch
+import heapq
 import json
 import math
 import os
 import warnings
-from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import h5py
 import numpy as np
@@ -57,6 +71,10 @@ from curvlab.errors import CheckpointError, CurvlabError, OptionError, where
 if TYPE_CHECKING:
     import torch
 
+    from curvlab.distributed import Context
+
+K = TypeVar("K", bound=Hashable)
+
 __all__ = [
     "DEFAULT_BATCH_BYTES",
     "DTYPES",
@@ -67,13 +85,17 @@ __all__ = [
     "LayerSpectrum",
     "SpectrumResult",
     "StepSpectrum",
+    "assign_batches",
+    "assign_factors",
     "compute_spectrum",
     "decompose_checkpoint",
     "decompose_factor",
     "decompose_factors",
     "default_output_path",
+    "factor_cost",
     "load_layer_eigenvalues",
     "negative_tolerance",
+    "plan_batches",
     "solver_resolution",
     "spectrum_summary",
     "step_summary",
@@ -391,10 +413,7 @@ def decompose_factors(
     """
     dev = _resolve_device(device)
     dtype = _check_dtype_name(dtype)
-    if batch_bytes is None:
-        batch_bytes = DEFAULT_BATCH_BYTES.get(dev.type, DEFAULT_BATCH_BYTES["cpu"])
-    pending: dict[int, list[tuple[Hashable, np.ndarray]]] = {}
-    sizes: dict[int, int] = {}
+    batcher = _Batcher(_batch_budget(batch_bytes, dev), dtype)
     for key, x in items:
         x = np.asarray(x)
         if x.ndim == 1:
@@ -404,18 +423,50 @@ def decompose_factors(
         if x.ndim != 2 or x.shape[0] != x.shape[1]:
             layer, which = _split_key(key)
             raise CheckpointError(f"{where(path, step, layer)}: factor {which} has shape {x.shape}")
-        n = x.shape[0]
-        pending.setdefault(n, []).append((key, x))
-        sizes[n] = sizes.get(n, 0) + n * n * np.dtype(dtype).itemsize
-        if sizes[n] >= batch_bytes:  # a full group goes at once
-            sizes.pop(n)
-            yield from _decompose_group(pending.pop(n), dev, dtype, vectors, path, step)
-        while pending and sum(sizes.values()) > batch_bytes:  # all groups together over budget
-            biggest = max(sizes, key=sizes.__getitem__)
-            sizes.pop(biggest)
-            yield from _decompose_group(pending.pop(biggest), dev, dtype, vectors, path, step)
-    for n in sorted(pending):
-        yield from _decompose_group(pending[n], dev, dtype, vectors, path, step)
+        for group in batcher.add((key, x), x.shape[0]):
+            yield from _decompose_group(group, dev, dtype, vectors, path, step)
+    for group in batcher.finish():
+        yield from _decompose_group(group, dev, dtype, vectors, path, step)
+
+
+def _batch_budget(batch_bytes: int | None, device: torch.device) -> int:
+    """``batch_bytes``, or the device's default (:data:`DEFAULT_BATCH_BYTES`)."""
+    if batch_bytes is None:
+        return DEFAULT_BATCH_BYTES.get(device.type, DEFAULT_BATCH_BYTES["cpu"])
+    return batch_bytes
+
+
+class _Batcher:
+    """Which dense factors go through one ``eigh`` call together (:func:`decompose_factors`), from
+    their sizes alone: factors wait in groups of equal size ``n``; a group that reaches
+    ``batch_bytes`` (``n^2`` entries of ``dtype`` each) goes at once, and while all the waiting
+    groups together exceed it the largest goes. :meth:`finish` gives the rest, by size."""
+
+    def __init__(self, batch_bytes: int, dtype: str) -> None:
+        self.budget = batch_bytes
+        self.itemsize = np.dtype(dtype).itemsize
+        self.pending: dict[int, list] = {}
+        self.bytes: dict[int, int] = {}
+
+    def add(self, item: object, n: int) -> list[list]:
+        """Queue one ``n x n`` factor; returns the groups that go now, in order."""
+        self.pending.setdefault(n, []).append(item)
+        self.bytes[n] = self.bytes.get(n, 0) + n * n * self.itemsize
+        ready = []
+        if self.bytes[n] >= self.budget:  # a full group goes at once
+            self.bytes.pop(n)
+            ready.append(self.pending.pop(n))
+        while self.pending and sum(self.bytes.values()) > self.budget:  # all groups together over budget
+            biggest = max(self.bytes, key=self.bytes.__getitem__)
+            self.bytes.pop(biggest)
+            ready.append(self.pending.pop(biggest))
+        return ready
+
+    def finish(self) -> list[list]:
+        """The groups still waiting, smallest factors first."""
+        groups = [self.pending[n] for n in sorted(self.pending)]
+        self.pending, self.bytes = {}, {}
+        return groups
 
 
 def _decompose_group(
@@ -499,9 +550,16 @@ def _check_patterns(path: str, patterns: Sequence[str] | None, used: set[str]) -
 
 
 def _factor_items(
-    reader: CheckpointReader, step: int, names: Sequence[str], progress: bool
+    reader: CheckpointReader,
+    step: int,
+    names: Sequence[str],
+    progress: bool,
+    only: Collection[tuple[str, str]] | None = None,
 ) -> Iterator[tuple[tuple[str, str], np.ndarray]]:
-    """``((layer, "S"), S)``, ``((layer, "A"), A)`` for each layer, read one layer at a time."""
+    """``((layer, "S"), S)``, ``((layer, "A"), A)`` for each layer, read one layer at a time.
+
+    With ``only``, just those factors: a layer holding none of them is not read.
+    """
     bar = None
     if progress:
         from tqdm import tqdm
@@ -509,9 +567,12 @@ def _factor_items(
         bar = tqdm(total=len(names), desc=f"spectrum step {step}", unit="layer", leave=False)
     try:
         for name in names:
-            layer = reader.read_factors(step, name)
-            yield (name, "S"), layer.S
-            yield (name, "A"), layer.A
+            wanted = [w for w in ("S", "A") if only is None or (name, w) in only]
+            if not wanted:
+                continue
+            layer = reader.read_factors(step, name)  # both factors: the reader reads a layer at a time
+            for which in wanted:
+                yield (name, which), getattr(layer, which)
             del layer
             if bar is not None:
                 bar.update(1)
@@ -542,6 +603,312 @@ def decompose_checkpoint(
         path=reader.path, step=step,
     ):
         yield layer, which, eig
+
+
+# --------------------------------------------------------------------------------------------------
+# Sharing a step's decompositions across the processes of torchrun
+
+#: A factor as the sharing sees it: ``((layer, "S"|"A"), n, kind)``.
+FactorSize = tuple[tuple[str, str], int, str]
+
+
+def factor_cost(n: int, kind: str) -> int:
+    """The work of decomposing one factor: ``n^3`` for a dense ``n x n`` factor (``eigh`` is
+    ``O(n^3)``), ``n`` for a diagonal one (a sort, no decomposition)."""
+    if kind == "dense":
+        return int(n) ** 3
+    if kind == "diagonal":
+        return int(n)
+    raise ValueError(f"factor kind {kind!r}: expected 'dense' or 'diagonal'")
+
+
+def assign_batches(batches: Sequence[Sequence[tuple[Hashable, int, str]]], world_size: int) -> list[int]:
+    """The process of each batch of factors, largest first (Graham's LPT rule).
+
+    A batch is a list of factors ``(key, n, kind)`` decomposed together; it costs the sum of their
+    :func:`factor_cost`. Batches are taken in decreasing cost (equal costs in the order given) and
+    each goes to the process whose batches so far cost least (ties to the lowest rank). The largest
+    total cost of a process is then at most ``4/3 - 1/(3W)`` times the best possible one, and at
+    most the mean total plus the largest single batch. The result depends on the sizes and
+    ``world_size`` only, so every process computes the same assignment. Returns ``ranks`` with
+    ``ranks[i]`` the process of ``batches[i]``.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    keys = [key for batch in batches for key, _, _ in batch]
+    if len(set(keys)) != len(keys):
+        raise ValueError("a factor is listed twice")
+    costs = [sum(factor_cost(n, kind) for _, n, kind in batch) for batch in batches]
+    loads = [(0, rank) for rank in range(world_size)]  # (total cost, rank): a heap, least loaded first
+    ranks = [0] * len(batches)
+    for i in sorted(range(len(batches)), key=lambda i: -costs[i]):  # stable: equal costs keep their order
+        load, rank = heapq.heappop(loads)
+        ranks[i] = rank
+        heapq.heappush(loads, (load + costs[i], rank))
+    return ranks
+
+
+def assign_factors(sizes: Sequence[tuple[K, int, str]], world_size: int) -> dict[K, int]:
+    """Which process decomposes which factor, ``{key: rank}``: :func:`assign_batches` with one
+    factor per batch (largest :func:`factor_cost` first, each to the least-loaded process, ties to
+    the lowest rank). ``sizes`` lists every factor once as ``(key, n, kind)``, ``kind`` ``"dense"``
+    or ``"diagonal"``. One process gets every factor; with more processes than factors some get none.
+    """
+    ranks = assign_batches([[factor] for factor in sizes], world_size)
+    return {key: rank for (key, _, _), rank in zip(sizes, ranks, strict=True)}
+
+
+def plan_batches(
+    sizes: Sequence[tuple[K, int, str]], dtype: str, batch_bytes: int
+) -> list[list[tuple[K, int, str]]]:
+    """The ``eigh`` calls one process makes for these factors, in the order it makes them.
+
+    :func:`decompose_factors`' batching (:class:`_Batcher`) applied to the sizes alone: each
+    diagonal factor on its own, dense ones in groups of equal size. Sharing out these batches
+    (:func:`assign_batches`) rather than single factors keeps every factor in the very call that
+    decomposes it in one process: torch's CPU ``eigh`` (MKL) rounds a matrix differently when it
+    sits at an offset of the batch that is not 16-byte aligned, and a GPU's batched solver differs
+    from its single-matrix one, so the same factor decomposed in another batch can differ by an ulp.
+    """
+    batcher = _Batcher(batch_bytes, dtype)
+    calls: list[list[tuple[K, int, str]]] = []
+    for factor in sizes:
+        if factor[2] == "diagonal":
+            calls.append([factor])
+        else:
+            calls.extend(batcher.add(factor, factor[1]))
+    calls.extend(batcher.finish())
+    return calls
+
+
+def _stored_kind(reader: CheckpointReader, step: int, layer: str, which: str) -> str:
+    """``"diagonal"`` for a 1-D stored factor, else ``"dense"``: from the dataset's shape, no data read.
+
+    A missing or malformed factor counts as dense here; the process that reads it reports it.
+    """
+    try:
+        ds = reader._layer_group(step, layer).get(which)  # the reader has no shape-only accessor
+        return "diagonal" if isinstance(ds, h5py.Dataset) and ds.ndim == 1 else "dense"
+    except (KeyError, OSError, RuntimeError, ValueError):
+        return "dense"
+
+
+def _factor_sizes(reader: CheckpointReader, step: int, names: Sequence[str]) -> list[FactorSize]:
+    """``((layer, "S"|"A"), n, kind)`` of every factor of ``names``, in the order one process reads
+    them (each layer's S, then its A), from the layers' metadata."""
+    out = []
+    for name in names:
+        module_type, weight_shape, has_bias = reader.layer_meta(step, name)
+        try:
+            size_a, size_s = expected_factor_sizes(module_type, weight_shape, has_bias)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{where(reader.path, step, name)}: {exc}") from None
+        for which, n in (("S", size_s), ("A", size_a)):
+            out.append(((name, which), n, _stored_kind(reader, step, name, which)))
+    return out
+
+
+@dataclass
+class _Share:
+    """How one step is shared out: every factor in reading order, the ``eigh`` calls of one process
+    (:func:`plan_batches`) and the process of each call (:func:`assign_batches`)."""
+
+    factors: list[FactorSize]
+    batches: list[list[FactorSize]]
+    ranks: list[int]
+
+    def owner(self) -> dict[tuple[str, str], int]:
+        pairs = zip(self.batches, self.ranks, strict=True)
+        return {key: rank for batch, rank in pairs for key, _, _ in batch}
+
+    def batches_of(self, rank: int) -> list[list[FactorSize]]:
+        return [batch for batch, r in zip(self.batches, self.ranks, strict=True) if r == rank]
+
+
+def _share(reader: CheckpointReader, step: int, names: Sequence[str], options: dict[str, Any]) -> _Share:
+    from curvlab import distributed
+
+    factors = _factor_sizes(reader, step, names)
+    budget = _batch_budget(options["batch_bytes"], options["device"])
+    batches = plan_batches(factors, options["dtype"], budget)
+    return _Share(factors, batches, assign_batches(batches, distributed.context().world_size))
+
+
+def _decompose_batches(
+    reader: CheckpointReader, step: int, names: Sequence[str], batches: list[list[FactorSize]],
+    options: dict[str, Any],
+) -> Iterator[tuple[str, str, FactorEig]]:
+    """Decompose exactly these ``eigh`` calls of :func:`plan_batches`, each as one process makes it.
+
+    The layers holding their factors are read in order, one at a time; a call runs as soon as its
+    last factor has been read, so at most what one process would hold waits. Yields ``(layer,
+    "A"|"S", FactorEig)`` in completion order; errors name the file, step, layer and factor.
+    """
+    call_of = {key: i for i, batch in enumerate(batches) for key, _, _ in batch}
+    waiting: dict[int, dict[tuple[str, str], np.ndarray]] = {}
+    for key, x in _factor_items(reader, step, names, False, only=call_of):
+        i = call_of[key]
+        waiting.setdefault(i, {})[key] = x
+        if len(waiting[i]) < len(batches[i]):
+            continue
+        arrays = waiting.pop(i)
+        group = [(k, arrays.pop(k)) for k, _, _ in batches[i]]  # the order of the one-process call
+        if group[0][1].ndim == 1:
+            layer, which = group[0][0]
+            results = [(group[0][0], _diagonal_eig(group[0][1], path=reader.path, step=step, layer=layer,
+                                                   which=which))]
+        else:
+            results = _decompose_group(group, options["device"], options["dtype"], options["vectors"],
+                                       reader.path, step)
+        for (layer, which), eig in results:
+            yield layer, which, eig
+
+
+# What travels with a factor's eigenvalues: a header of int64 [num_clipped, num_unresolved, code of the
+# eigenvectors' dtype (0: none), length of the text], the float64 [tolerance, resolution, *eigenvalues],
+# the text (JSON of dtype, device and retries, as uint8), then the int64 ``order`` of a diagonal factor
+# or the eigenvectors of a dense one. The receiver knows n and the kind: it lists the factors too.
+_VECTOR_DTYPES = {1: "float32", 2: "float64"}
+_VECTOR_CODES = {name: code for code, name in _VECTOR_DTYPES.items()}
+
+
+def _send_eig(eig: FactorEig, device: torch.device) -> None:
+    """Send one factor's :class:`FactorEig` to process 0 (call under ``distributed.collective``)."""
+    import torch
+    import torch.distributed as dist
+
+    text = json.dumps({"dtype": eig.dtype, "device": eig.device, "retries": list(eig.retries)}).encode()
+    vectors = eig.eigenvectors if eig.kind == "dense" else None
+    code = 0 if vectors is None else _VECTOR_CODES[str(vectors.dtype)]
+    parts = [
+        torch.tensor([eig.num_clipped, eig.num_unresolved, code, len(text)], dtype=torch.int64),
+        torch.from_numpy(np.concatenate([[eig.tolerance, eig.resolution], eig.eigenvalues])),
+        torch.frombuffer(bytearray(text), dtype=torch.uint8),
+    ]
+    if eig.kind == "diagonal":
+        parts.append(torch.from_numpy(np.ascontiguousarray(eig.order, dtype=np.int64)))
+    elif vectors is not None:
+        parts.append(torch.from_numpy(np.ascontiguousarray(vectors)))
+    for t in parts:
+        dist.send(t.to(device), dst=0)
+
+
+def _receive_eig(src: int, n: int, kind: str, device: torch.device) -> FactorEig:
+    """The :class:`FactorEig` of an ``n``-sized factor, from process ``src`` (see :func:`_send_eig`)."""
+    import torch
+    import torch.distributed as dist
+
+    def receive(shape: tuple[int, ...], dtype: torch.dtype) -> np.ndarray:
+        buffer = torch.empty(shape, dtype=dtype, device=device)
+        dist.recv(buffer, src=src)
+        return buffer.cpu().numpy()
+
+    num_clipped, num_unresolved, code, length = (int(v) for v in receive((4,), torch.int64))
+    values = receive((n + 2,), torch.float64)
+    meta = json.loads(receive((length,), torch.uint8).tobytes())
+    order = vectors = None
+    if kind == "diagonal":
+        order = receive((n,), torch.int64)
+    elif code:
+        vectors = receive((n, n), getattr(torch, _VECTOR_DTYPES[code]))
+    return FactorEig(
+        kind=kind,
+        eigenvalues=values[2:].copy(),
+        eigenvectors=vectors,
+        order=order,
+        num_clipped=num_clipped,
+        tolerance=float(values[0]),
+        num_unresolved=num_unresolved,
+        resolution=float(values[1]),
+        dtype=meta["dtype"],
+        device=meta["device"],
+        retries=tuple(meta["retries"]),
+    )
+
+
+def _send_share(reader: CheckpointReader, step: int, names: Sequence[str], options: dict[str, Any]) -> None:
+    """A process other than 0: decompose its share of ``step``, then send it to process 0.
+
+    The results are held until all are done (this process's share of the step's eigenvectors),
+    then sent in reading order (:func:`_factor_sizes`), the order in which process 0 receives them.
+    """
+    from curvlab import distributed
+
+    rank = distributed.context().rank
+    share = _share(reader, step, names, options)
+    done = {(layer, which): eig for layer, which, eig in
+            _decompose_batches(reader, step, names, share.batches_of(rank), options)}
+    device = distributed._collective_device()
+    with distributed.collective(f"sending the eigendecompositions of step {step} to process 0"):
+        for key, _, _ in share.factors:
+            if key in done:
+                _send_eig(done.pop(key), device)
+
+
+def _gather_share(
+    reader: CheckpointReader, step: int, names: Sequence[str], options: dict[str, Any]
+) -> Iterator[tuple[str, str, FactorEig]]:
+    """Process 0: its own share of ``step`` as it is decomposed, then the shares of processes 1, 2,
+    ... as they arrive; yields ``(layer, "A"|"S", FactorEig)`` like :func:`decompose_checkpoint`."""
+    from curvlab import distributed
+
+    world_size = distributed.context().world_size
+    share = _share(reader, step, names, options)
+    owner = share.owner()
+    bar = None
+    if options["progress"]:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(share.factors), desc=f"spectrum step {step}", unit="factor", leave=False)
+    try:
+        for layer, which, eig in _decompose_batches(reader, step, names, share.batches_of(0), options):
+            yield layer, which, eig
+            if bar is not None:
+                bar.update(1)
+        device = distributed._collective_device()
+        for rank in range(1, world_size):
+            for (layer, which), n, kind in share.factors:
+                if owner[(layer, which)] != rank:
+                    continue
+                with distributed.collective(f"receiving the eigendecompositions of step {step} "
+                                            f"from process {rank}"):
+                    eig = _receive_eig(rank, n, kind, device)
+                yield layer, which, eig
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _step_factors(
+    reader: CheckpointReader, step: int, names: Sequence[str], options: dict[str, Any]
+) -> Iterator[tuple[str, str, FactorEig]]:
+    """Every factor's decomposition for the spectrum file: this process's own work, or under torchrun
+    process 0's share followed by everyone else's."""
+    if _process_group().active:
+        return _gather_share(reader, step, names, options)
+    return decompose_checkpoint(reader, step, names, **options)
+
+
+def _process_group() -> Context:
+    from curvlab import distributed
+
+    return distributed.context()
+
+
+def _check_same_batches(options: dict[str, Any]) -> None:
+    """Every process must plan the same ``eigh`` calls (:func:`plan_batches`): their batch budget,
+    which depends on the kind of device, must agree."""
+    from curvlab import distributed
+
+    budget = _batch_budget(options["batch_bytes"], options["device"])
+    high, negated_low = distributed.all_reduce_max_int([budget, -budget], "agreeing on the eigh batches")
+    if high != -negated_low:
+        raise OptionError(
+            f"the processes batch the eigendecompositions differently ({-negated_low} to {high} bytes): "
+            f"--device resolved to {options['device'].type} here and to another kind of device elsewhere"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1104,7 +1471,7 @@ def _spectrum_step(
         module_type, weight_shape, has_bias = reader.layer_meta(step, name)
         _write_layer_attrs(lg.create_group(name), module_type, weight_shape, has_bias)
         layers[name] = LayerSpectrum(name, module_type, weight_shape, has_bias, np.empty(0), np.empty(0))
-    for name, which, eig in decompose_checkpoint(reader, step, names, **options):
+    for name, which, eig in _step_factors(reader, step, names, options):
         _write_factor(lg[name], which, eig)
         setattr(layers[name], which, eig.eigenvalues)
         layers[name].num_clipped[which] = eig.num_clipped
@@ -1141,6 +1508,12 @@ def compute_spectrum(
     :func:`default_output_path`; ``output=""`` writes nothing. It may not be the checkpoint itself.
     The checkpoint is opened read-only and read one layer at a time. Returns every step's
     eigenvalues for the statistics (:func:`step_summary`).
+
+    Under torchrun (an active :mod:`curvlab.distributed` group) with an output file, every process
+    must call this with the same arguments: the factors are shared out (module docstring), process
+    0 writes the file and returns every step, and each other process returns after sending its
+    results, with ``output=None`` and no steps. With ``output=""`` every process decomposes
+    everything itself and returns it.
     """
     source = os.fspath(checkpoint)
     _check_dtype_name(dtype)
@@ -1151,7 +1524,15 @@ def compute_spectrum(
             f"{out}: refusing to write the spectrum into the input checkpoint; choose another -o"
         )
     options = dict(device=dev, dtype=dtype, vectors=vectors, batch_bytes=batch_bytes, progress=progress)
+    ctx = _process_group()
+    if ctx.active and out:
+        _check_same_batches(options)
+    helper = ctx.active and not ctx.is_main and bool(out)  # sends its share to process 0, writes nothing
     with CheckpointReader(source) as reader:
+        if helper:  # the reader scans the steps once: here without the warnings process 0 gives
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", IncompleteStepWarning)
+                reader.step_numbers()
         numbers = _select_steps(reader.step_numbers(), steps, source)
         patterns = list(layers) if layers is not None else None
         used: set[str] = set()
@@ -1160,6 +1541,10 @@ def compute_spectrum(
         for n, names in plan.items():
             if not names:
                 raise OptionError(f"{source}: step {n}: no layer matches --layers {' '.join(patterns or [])}")
+        if helper:
+            for n, names in plan.items():
+                _send_share(reader, n, names, options)
+            return SpectrumResult(source, None, dev.type, dtype, vectors, [])
         results = _write_spectrum_file(reader, out, plan, options, dtype, vectors) if out else [
             _eigenvalues_only(reader, n, names, options) for n, names in plan.items()
         ]

@@ -25,6 +25,16 @@ statistics of the training batches, started from an estimate at the initial weig
 factor set); with the other optimizers, factors collected at step ``t``'s weights (model in eval mode)
 on the fixed factor set — the first ``factor_examples`` examples of the training split — with the
 chosen Fisher type.
+
+Several processes (``torchrun``, :mod:`curvlab.distributed`, docs/training.md "Several processes"):
+the batch of every step is the same on every process, and process ``r`` of ``W`` takes a contiguous
+slice of it (:func:`shard`). The model is wrapped in ``DistributedDataParallel``, which averages the
+gradients over the processes in the backward pass; each process's mean loss is scaled by
+:func:`loss_scale` so that the average is the gradient of the whole batch's mean loss. K-FAC adds up
+the factor statistics of all processes before each factor update and draws Monte-Carlo labels for the
+whole batch (:mod:`curvlab.kfac`); the other optimizers' factors come from
+:func:`curvlab.factors.collect_factors`, which deals the factor set's batches out. Every process
+computes everything; only process 0 writes the run folder, prints and shows progress.
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from curvlab import distributed
 from curvlab.atomic import atomic_output, remove_quietly
 from curvlab.checkpoint import CheckpointReader, append_step
 from curvlab.errors import CheckpointError, CurvlabError, OptionError
@@ -58,8 +69,10 @@ __all__ = [
     "SCHEDULES",
     "TrainConfig",
     "learning_rate",
+    "loss_scale",
     "read_config",
     "save_steps",
+    "shard",
     "train",
 ]
 
@@ -238,11 +251,35 @@ class BatchOrder:
         return self._perm[start : start + self.batch_size]
 
 
+def shard(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``(offset, count)``: process ``rank``'s contiguous slice of a batch of ``total`` examples.
+
+    Cut like ``numpy.array_split``: the first ``total mod W`` processes take ``⌈total / W⌉`` examples,
+    the others ``⌊total / W⌋``, so the counts differ by at most one.
+    """
+    base, extra = divmod(total, world_size)
+    return rank * base + min(rank, extra), base + (1 if rank < extra else 0)
+
+
+def loss_scale(count: int, total: int, world_size: int) -> float:
+    """``W n_r / B``: the factor on process ``r``'s mean loss (over its ``n_r`` of the ``B`` examples).
+
+    With ``L_r = (1/n_r) Σ_{i ∈ r} ℓ_i``, DDP's average of the processes' gradients is
+    ``(1/W) Σ_r ∇(W n_r / B · L_r) = Σ_r (n_r / B) ∇L_r = ∇ (1/B) Σ_i ℓ_i``, the gradient of the whole
+    batch's mean loss; the average of the scaled losses is that mean loss. (Per example the loss is
+    the mean over its label locations, the same number for every example, so this holds per location.)
+    """
+    return world_size * count / total
+
+
 # ------------------------------------------------------------------------------------ optimizers
 
 
 class TorchOptimizer:
-    """``sgd``, ``momentum`` or ``adam`` behind the interface the loop uses (``lr``, ``train_step``)."""
+    """``sgd``, ``momentum`` or ``adam`` behind the interface the loop uses (``lr``, ``train_step``).
+
+    ``model`` is what the forward pass calls: the model, or its ``DistributedDataParallel`` wrapper.
+    """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model = model
@@ -258,8 +295,10 @@ class TorchOptimizer:
             group["lr"] = value
 
     def train_step(
-        self, inputs: Tensor, labels: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor]
+        self, inputs: Tensor, labels: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor], *,
+        rows: tuple[int, int] | None = None,
     ) -> Tensor:
+        """One update; ``rows`` (the slice of the batch, see :meth:`KFAC.backward`) draws nothing here."""
         self.optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(self.model(inputs), labels)
         loss.backward()
@@ -279,19 +318,27 @@ class TorchOptimizer:
         pass
 
 
-def make_optimizer(config: TrainConfig, model: nn.Module) -> KFAC | TorchOptimizer:
-    """The optimizer of F.4 named by ``config.optimizer`` (hyper-parameters from ``config``)."""
+def make_optimizer(
+    config: TrainConfig, model: nn.Module, forward_module: nn.Module | None = None
+) -> KFAC | TorchOptimizer:
+    """The optimizer of F.4 named by ``config.optimizer`` (hyper-parameters from ``config``).
+
+    ``forward_module``: what the training forward pass calls (default ``model``; under ``torchrun`` its
+    ``DistributedDataParallel`` wrapper); K-FAC's hooks stay on ``model``.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
+    forward = model if forward_module is None else forward_module
     if config.optimizer == "sgd":
-        return TorchOptimizer(model, torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay))
+        opt = torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
+        return TorchOptimizer(forward, opt)
     if config.optimizer == "momentum":
         opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
                               weight_decay=config.weight_decay)
-        return TorchOptimizer(model, opt)
+        return TorchOptimizer(forward, opt)
     if config.optimizer == "adam":
         opt = torch.optim.Adam(params, lr=config.lr, betas=(config.momentum, config.beta2), eps=config.eps,
                                weight_decay=config.weight_decay)
-        return TorchOptimizer(model, opt)
+        return TorchOptimizer(forward, opt)
     return KFAC(
         model,
         lr=config.lr,
@@ -305,6 +352,7 @@ def make_optimizer(config: TrainConfig, model: nn.Module) -> KFAC | TorchOptimiz
         mc_samples=config.mc_samples,
         weight_decay=config.weight_decay,
         seed=config.seed,
+        forward_module=forward_module,
     )
 
 
@@ -409,7 +457,7 @@ def _no_side_effects(model: nn.Module) -> Iterator[None]:
 
 @dataclass
 class _Run:
-    """What the loop needs: model, optimizer, data, and where to write."""
+    """What the loop needs: model, optimizer, data, where to write, and this process's share."""
 
     config: TrainConfig
     run_dir: str
@@ -419,14 +467,24 @@ class _Run:
     factor_data: Any
     model_config: dict[str, Any]
     device: torch.device
+    ctx: distributed.Context = field(default_factory=distributed.Context)
     elapsed: float = 0.0
 
     @property
     def checkpoint(self) -> str:
         return os.path.join(self.run_dir, CHECKPOINT_FILE)
 
+    @property
+    def shard(self) -> tuple[int, int]:
+        """``(offset, count)`` of this process's examples in every batch (:func:`shard`)."""
+        return shard(self.config.batch_size, self.ctx.rank, self.ctx.world_size)
+
     def loss_fn(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return mean_cross_entropy(logits, labels, float(getattr(self.model, "label_smoothing", 0.0) or 0.0))
+        """The mean cross-entropy of this process's examples, times :func:`loss_scale` (1 alone)."""
+        loss = mean_cross_entropy(logits, labels, float(getattr(self.model, "label_smoothing", 0.0) or 0.0))
+        if not self.ctx.active:
+            return loss
+        return loss * loss_scale(self.shard[1], self.config.batch_size, self.ctx.world_size)
 
     def factor_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         from curvlab.data import iterate_batches
@@ -444,6 +502,10 @@ def _build(config: TrainConfig, run_dir: str, device: torch.device) -> _Run:
         raise OptionError(
             f"--batch-size {config.batch_size} exceeds the {len(data)} training examples of {config.data}"
         )
+    ctx = distributed.context()
+    if config.batch_size < ctx.world_size:
+        raise OptionError(f"--batch-size {config.batch_size} is smaller than the {ctx.world_size} processes: "
+                          "every process needs at least one example of each batch")
     torch.manual_seed(config.seed)
     model = build_model(config.model, data.input_shape, data.num_classes, config.model_args).to(device)
     model.train()
@@ -451,12 +513,26 @@ def _build(config: TrainConfig, run_dir: str, device: torch.device) -> _Run:
     described["data"] = config.data
     factor_count = min(config.factor_examples, len(data))
     factor_data = dataclasses.replace(data, x=data.x[:factor_count], y=data.y[:factor_count])
-    optimizer = make_optimizer(config, model)
-    return _Run(config, run_dir, model, optimizer, data, factor_data, described, device)
+    optimizer = make_optimizer(config, model, _data_parallel(model, device, ctx))
+    return _Run(config, run_dir, model, optimizer, data, factor_data, described, device, ctx)
+
+
+def _data_parallel(model: nn.Module, device: torch.device, ctx: distributed.Context) -> nn.Module:
+    """What the training forward pass calls: under ``torchrun`` the model wrapped in
+    ``DistributedDataParallel`` (gradients averaged over the processes during ``backward``, buffers
+    broadcast from process 0 before each forward pass); alone, the model itself."""
+    if not ctx.active:
+        return model
+    device_ids = None
+    if device.type == "cuda":
+        device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
+    with distributed.collective("wrapping the model for data-parallel training"):
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
 def _factors_at(run: _Run, step: int) -> FactorSet:
-    """kfac: the running factors; others: factors on the fixed factor set at the current weights."""
+    """kfac: the running factors; others: factors on the fixed factor set at the current weights (a
+    collective under ``torchrun``: every process takes part)."""
     if isinstance(run.optimizer, KFAC):
         return run.optimizer.running_factors()
     run.model.eval()
@@ -472,8 +548,12 @@ def _factors_at(run: _Run, step: int) -> FactorSet:
 
 
 def _save_step(run: _Run, step: int) -> None:
-    """State file (atomic), then the checkpoint step (crash-safe append), then older state files go."""
+    """State file (atomic), then the checkpoint step (crash-safe append), then older state files go.
+
+    Every process computes the factors (see :func:`_factors_at`); only process 0 writes."""
     factors = _factors_at(run, step)
+    if not run.ctx.is_main:
+        return
     state = {
         "format": STATE_FORMAT,
         "step": step,
@@ -560,20 +640,27 @@ def train(
     ``resume=True`` continues from the last complete step of ``run_dir/ckpt.h5`` (weights, optimizer
     and RNG states from its ``state-<t>.pt``), or starts afresh if the folder holds no run; a
     continued run equals an uninterrupted one. Returns a summary dict.
+
+    Under ``torchrun`` every process calls this (see the module doc); every process reads the run
+    folder (to resume, it must be on a file system they all see) and only process 0 writes it.
     """
     config = config.resolved()
+    ctx = distributed.context()
     run_dir = os.path.abspath(run_dir)
     parent = os.path.dirname(run_dir)
     if not os.path.isdir(parent):
         raise OptionError(f"{run_dir}: cannot create the run folder: {parent} does not exist")
-    os.makedirs(run_dir, exist_ok=True)
-    if resume:
-        _remove_stale_temps(run_dir)
+    if ctx.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        if resume:
+            _remove_stale_temps(run_dir)
     start = _start(config, run_dir, resume)
+    # every process has seen the folder as it was before process 0 writes to it
+    distributed.barrier("checking the run folder")
     device = torch.device(device)
     run = _build(config, run_dir, device)
     try:
-        summary = _loop(run, start, progress)
+        summary = _loop(run, start, progress and ctx.is_main)
     finally:
         run.optimizer.close()
     summary["resumed_from"] = start
@@ -582,12 +669,14 @@ def train(
 
 def _loop(run: _Run, start: int | None, progress: bool) -> dict[str, Any]:
     config = run.config
+    main = run.ctx.is_main
     metrics_path = os.path.join(run.run_dir, METRICS_FILE)
     saves = save_steps(config)
     if start is None:
-        _write_json(os.path.join(run.run_dir, CONFIG_FILE),
-                    {"train": config.to_json(), "model": run.model_config})
-        _truncate_metrics(metrics_path, -1)
+        if main:
+            _write_json(os.path.join(run.run_dir, CONFIG_FILE),
+                        {"train": config.to_json(), "model": run.model_config})
+            _truncate_metrics(metrics_path, -1)
         if isinstance(run.optimizer, KFAC):
             with _no_side_effects(run.model):
                 run.optimizer.initialize_factors(run.factor_batches())
@@ -595,18 +684,22 @@ def _loop(run: _Run, start: int | None, progress: bool) -> dict[str, Any]:
         start = 0
     else:
         _restore(run, start)
-        _truncate_metrics(metrics_path, start)
+        if main:
+            _truncate_metrics(metrics_path, start)
     order = BatchOrder(len(run.data), config.batch_size, config.seed)
+    offset, count = run.shard
     last_loss: float | None = None
     clock = time.perf_counter() - run.elapsed
     bar = _progress_bar(config.steps, start, progress)
-    with open(metrics_path, "a", encoding="utf-8") as metrics:
+    with open(metrics_path, "a", encoding="utf-8") if main else contextlib.nullcontext() as metrics:
         for t in range(start, config.steps):
             lr = learning_rate(config, t)
             run.optimizer.lr = lr
-            index = order.indices(t)
+            index = order.indices(t)[offset : offset + count]
             inputs, labels = run.data.x[index].to(run.device), run.data.y[index].to(run.device)
-            loss = float(run.optimizer.train_step(inputs, labels, run.loss_fn))
+            with _collective(run, f"step {t + 1}"):
+                loss = run.optimizer.train_step(inputs, labels, run.loss_fn, rows=(offset, config.batch_size))
+            loss = _batch_loss(loss, run.ctx, f"step {t + 1}: adding up the batch loss")
             _project_weights(run.model)
             if not math.isfinite(loss):
                 raise CurvlabError(f"{run.run_dir}: step {t + 1}: the training loss is {loss} (diverged); "
@@ -616,8 +709,9 @@ def _loop(run: _Run, start: int | None, progress: bool) -> dict[str, Any]:
             record: dict[str, Any] = {"step": t + 1, "loss": loss, "lr": lr, "time": round(run.elapsed, 4)}
             if isinstance(run.optimizer, KFAC) and run.optimizer.last_nu is not None:
                 record["nu"] = run.optimizer.last_nu
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+            if metrics is not None:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}")
             if t + 1 in saves:
@@ -629,11 +723,27 @@ def _loop(run: _Run, start: int | None, progress: bool) -> dict[str, Any]:
         "data": config.data,
         "optimizer": config.optimizer,
         "steps": config.steps,
-        "saved_steps": _complete_steps(run.checkpoint),
+        "saved_steps": _complete_steps(run.checkpoint) if main else None,
         "final_loss": last_loss,
         "device": str(run.device),
         "seconds": round(run.elapsed, 3),
     }
+
+
+def _collective(run: _Run, what: str) -> contextlib.AbstractContextManager:
+    """Under ``torchrun``, a lost peer during ``what`` (DDP's gradient all-reduce, K-FAC's factor
+    sums) is one :class:`~curvlab.distributed.DistributedError` line."""
+    return distributed.collective(what) if run.ctx.active else contextlib.nullcontext()
+
+
+def _batch_loss(loss: Tensor, ctx: distributed.Context, what: str) -> float:
+    """The mean loss of the whole batch: the average over the processes of their scaled losses
+    (:func:`loss_scale`); the loss itself alone."""
+    if not ctx.active:
+        return float(loss)
+    total = loss.detach().reshape(1).to(torch.float64)
+    distributed.all_reduce_sum([total], what)
+    return float(total) / ctx.world_size
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
