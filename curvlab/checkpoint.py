@@ -831,6 +831,19 @@ class CheckpointReader:
         except CheckpointError as exc:
             raise _error(str(exc), self.path, step, layer) from None
 
+    def factor_kind(self, step: int, layer: str, which: str) -> str:
+        """``"diagonal"`` when factor ``which`` (``"A"`` or ``"S"``) is stored as a vector, else
+        ``"dense"``, from the dataset's shape alone (no data read, not validated: a missing or
+        malformed factor counts as dense; :meth:`read_factors` reports it)."""
+        if which not in ("A", "S"):
+            raise ValueError(f"factor {which!r}: expected 'A' or 'S'")
+        try:
+            with _h5_errors(self.path, step, layer):
+                ds = self._layer_group(step, layer).get(which)
+        except CheckpointError:
+            return "dense"
+        return "diagonal" if isinstance(ds, h5py.Dataset) and ds.ndim == 1 else "dense"
+
     def read_factors(self, step: int, layer: str) -> LayerFactors:
         """One layer's factors, read and validated (see :func:`validate_layer`)."""
         lg = self._layer_group(step, layer)

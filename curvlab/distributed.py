@@ -180,6 +180,10 @@ def collective(what: str) -> Iterator[None]:
     """Run collectives, turning a lost peer or a timeout into one :class:`DistributedError` line."""
     try:
         yield
+    except DistributedError as exc:  # from a collective inside this one: say where it was, outside in
+        prefix = f"{context().describe()}: "
+        text = str(exc)
+        raise DistributedError(prefix + what + ": " + text.removeprefix(prefix)) from None
     except RuntimeError as exc:  # torch.distributed's errors (DistError, DistBackendError) are these
         ctx = context()
         raise DistributedError(

@@ -681,18 +681,6 @@ def plan_batches(
     return calls
 
 
-def _stored_kind(reader: CheckpointReader, step: int, layer: str, which: str) -> str:
-    """``"diagonal"`` for a 1-D stored factor, else ``"dense"``: from the dataset's shape, no data read.
-
-    A missing or malformed factor counts as dense here; the process that reads it reports it.
-    """
-    try:
-        ds = reader._layer_group(step, layer).get(which)  # the reader has no shape-only accessor
-        return "diagonal" if isinstance(ds, h5py.Dataset) and ds.ndim == 1 else "dense"
-    except (KeyError, OSError, RuntimeError, ValueError):
-        return "dense"
-
-
 def _factor_sizes(reader: CheckpointReader, step: int, names: Sequence[str]) -> list[FactorSize]:
     """``((layer, "S"|"A"), n, kind)`` of every factor of ``names``, in the order one process reads
     them (each layer's S, then its A), from the layers' metadata."""
@@ -704,7 +692,7 @@ def _factor_sizes(reader: CheckpointReader, step: int, names: Sequence[str]) -> 
         except CheckpointError as exc:
             raise CheckpointError(f"{where(reader.path, step, name)}: {exc}") from None
         for which, n in (("S", size_s), ("A", size_a)):
-            out.append(((name, which), n, _stored_kind(reader, step, name, which)))
+            out.append(((name, which), n, reader.factor_kind(step, name, which)))
     return out
 
 

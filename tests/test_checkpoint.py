@@ -279,6 +279,12 @@ def test_reader_api(tmp_path):
         assert_layer_equal(reader.read_factors(300, "head"), step.factors["head"])
         assert list(reader.read_weights(300)) == list(step.weights)
         assert reader.read_weights(5) == {}
+        kinds = {(n, w): reader.factor_kind(300, n, w) for n in reader.layer_names(300) for w in "AS"}
+        assert kinds == {("layers.2.fc", "A"): "dense", ("layers.2.fc", "S"): "dense",
+                         ("layers.10.conv", "A"): "dense", ("layers.10.conv", "S"): "diagonal",
+                         ("embed", "A"): "diagonal", ("embed", "S"): "dense",
+                         ("head", "A"): "dense", ("head", "S"): "diagonal"}
+        assert reader.factor_kind(300, "nope", "A") == "dense"  # not validated: read_factors reports it
         with pytest.raises(CheckpointError, match="layer nope: no such layer"):
             reader.read_factors(300, "nope")
         with pytest.raises(CheckpointError, match="no complete step 6"):

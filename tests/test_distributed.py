@@ -99,7 +99,9 @@ def test_single_process_commands_refuse_torchrun(monkeypatch, tmp_path, capsys):
 )
 def test_factors_under_torchrun_write_the_single_process_checkpoint(tmp_path, nproc, args):
     one = torchrun(["factors", *args, "--quiet", "-o", "one.h5"], cwd=tmp_path, nproc=1)
-    many = torchrun(["factors", *args, "--quiet", "--json", "-o", "many.h5"], cwd=tmp_path, nproc=nproc)
+    # the mlp case starts the installed `curvlab` script under torchrun, the others `-m curvlab`
+    many = torchrun(["factors", *args, "--quiet", "--json", "-o", "many.h5"], cwd=tmp_path, nproc=nproc,
+                    entry_point=args[1] == "mlp" and nproc == 2)
     assert one.returncode == 0, one.stderr
     assert many.returncode == 0, many.stderr
     assert h5_differences(tmp_path / "one.h5", tmp_path / "many.h5", rtol=ORDER_RTOL) == []
@@ -201,3 +203,14 @@ def test_process_env_has_no_group_variables():
     env = process_env()
     assert "WORLD_SIZE" not in env and env["OMP_NUM_THREADS"] == "1"
     assert np.isfinite(float(env["CURVLAB_DIST_TIMEOUT"]))
+
+
+def test_nested_stages_name_the_outer_one_first(monkeypatch):
+    monkeypatch.setattr(distributed, "context", lambda: distributed.Context(1, 2))
+    with pytest.raises(distributed.DistributedError) as info:
+        with distributed.collective("step 5"):
+            with distributed.collective("adding up the factor sums"):
+                raise RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:4. This is typically")
+    text = str(info.value)
+    assert text.startswith("process 1 of 2: step 5: adding up the factor sums: lost the other processes "
+                           "(Connection closed by peer [127.0.0.1]:4); one of them died")

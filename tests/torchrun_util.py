@@ -30,13 +30,15 @@ def process_env(**extra: str) -> dict[str, str]:
 
 
 def torchrun(args: Sequence[str], *, cwd: Path, nproc: int = 2, timeout: float = RUN_TIMEOUT_S,
-             **env: str) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc-per-node N -m curvlab ARGS`` (``nproc=1``: plain ``python -m``)."""
+             entry_point: bool = False, **env: str) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node N -m curvlab ARGS`` (``nproc=1``: plain ``python -m``);
+    ``entry_point``: torchrun starts the installed ``curvlab`` script instead of ``-m curvlab``."""
+    program = [str(Path(sys.executable).parent / "curvlab")] if entry_point else ["-m", "curvlab"]
     if nproc == 1:
         command = [sys.executable, "-m", "curvlab", *args]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                   "-m", "curvlab", *args]
+                   *program, *args]
     return subprocess.run(command, cwd=cwd, env=process_env(**env), capture_output=True, text=True,
                           timeout=timeout)
 
