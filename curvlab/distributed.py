@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -158,11 +159,18 @@ def stop() -> None:
 
 @contextlib.contextmanager
 def session() -> Iterator[Context]:
-    """``start()`` … ``stop()`` around a command."""
+    """``start()`` … ``stop()`` around a command.
+
+    A command that ends normally waits for the others (process 0 may still be writing), and objects
+    bound to the group (a ``DistributedDataParallel`` wrapper caught in a reference cycle) are
+    collected before the group goes: destroyed after it, at interpreter exit, they abort the process.
+    """
     ctx = start()
     try:
         yield ctx
+        barrier("finishing")
     finally:
+        gc.collect()
         stop()
 
 
