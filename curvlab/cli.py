@@ -460,14 +460,8 @@ def run_gradcov(args: argparse.Namespace) -> int:
     if len(data) < 2:
         raise OptionError(f"--data {data_spec}: the gradient variance needs at least 2 examples")
     layer_types = _checkpoint_layers(args.checkpoint, source.step)
-    # The tied embedding/pre-softmax weight's gradient has two sources (the Linear's outputs and the
-    # embedding's one-hot inputs); projecting both is not implemented yet, so it is left out and said so.
-    skipped = [
-        {"name": n, "reason": "tied embedding/pre-softmax weight: projection of both uses not implemented"}
-        for n, t in layer_types.items()
-        if t == "TiedEmbedding"
-    ]
-    names = [n for n, t in layer_types.items() if t != "TiedEmbedding"]
+    skipped: list[dict[str, str]] = []  # every layer type is projected (the tied embedding included)
+    names = list(layer_types)
     if args.layers:
         names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in args.layers)]
         if not names:

@@ -14,7 +14,9 @@ Where an operation has no forward-mode derivative (PyTorch's fused attention on 
 reverse passes, same numbers.
 
 Directions are weight perturbations of one layer, given as the ``m × n`` matrix of design.md (bias as
-the last column); the layer's adapter (:mod:`curvlab.layers`) turns one into parameter tangents.
+the last column); the layer's adapter (:mod:`curvlab.layers`) turns one into parameter tangents. For a
+tied embedding / pre-softmax weight the layer is the pre-softmax Linear (``W = E``) and the tangent
+moves the one shared Parameter, in both of its uses.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def directional_curvature(
     """
     module = model.get_submodule(layer)
     device = next(model.parameters()).device
-    names = {key: f"{layer}.{key}" for key in ("weight", "bias") if getattr(module, key, None) is not None}
+    names = _parameter_names(model, layer, module)
     params = {k: v.detach() for k, v in model.named_parameters()}
     primals = tuple(params[full] for full in names.values())
     tangents = [
@@ -91,6 +93,21 @@ def directional_curvature(
     counts = torch.tensor([count], dtype=torch.int64, device=device)
     distributed.all_reduce_sum([totals, counts], f"adding up the curvature of layer {layer}")
     return totals / int(counts.item())
+
+
+def _parameter_names(model: nn.Module, layer: str, module: nn.Module) -> dict[str, str]:
+    """``weight`` (and ``bias``) of the layer -> the name ``named_parameters`` lists it under.
+
+    A tied weight is listed once, under its first module (``embedding.weight`` for the pre-softmax
+    Linear of a tied language model); ``functional_call`` ties it again (``tie_weights=True``), so
+    the tangent perturbs the one shared Parameter in both of its uses.
+    """
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    return {
+        key: name_of.get(id(getattr(module, key)), f"{layer}.{key}")
+        for key in ("weight", "bias")
+        if getattr(module, key, None) is not None
+    }
 
 
 def logits_of_factory(model: nn.Module, params: dict, names: dict, inputs: Tensor) -> Callable[..., Tensor]:

@@ -27,10 +27,18 @@ bias, ``P`` backward passes per batch):
   rotate it, ``Q_S^T G_n Q_A``.
 The cheaper of the last two is chosen from the flop counts; either holds per-example ``m × n`` matrices
 only for a chunk of examples at a time (:data:`CHUNK_BYTES`), never for a whole batch.
+
+The tied embedding / pre-softmax weight ``E`` (seed eq. 16, a ``TiedEmbedding`` entry named after the
+Linear, ``W = E``, ``V × d``) has a gradient from both uses, ``G_n = Σ_t g_t [a_t, 1]^T + Σ_τ
+onehot(x_τ) [h_τ, 0]^T``; both modules are hooked and, project first, ``G_n Q_A`` is ``Σ_t g_t Â_t^T``
+plus the rows ``ĥ_τ = [h_τ, 0] Q_A`` added at the token ids (:class:`~curvlab.layers.TiedEmbeddingAdapter`),
+summed before squaring. Its ``S`` is diagonal, so ``Q_S`` is a permutation and ``Q_S^T`` permutes the
+rows of each chunk's sums.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +50,7 @@ from torch import Tensor, nn
 from curvlab import distributed
 from curvlab import layers as layer_math
 from curvlab.curvature import directional_curvature
+from curvlab.factors import FactorSource, select_layers
 from curvlab.loss import logit_gradient_samples
 
 CHUNK_BYTES = 32 * 2**20
@@ -89,8 +98,10 @@ class _LayerSums:
     sum_curvature: Tensor
     basis_A: Tensor | None = None
     input_rows: tuple[Tensor, Tensor | None] | None = None  # Q_A rows for the prepared inputs' order
+    order_S: Tensor | None = None  # tied entry: Q_S = I[:, order_S] (its V-side factor is diagonal)
     inputs: list[Tensor] = field(default_factory=list)
     outputs: list[Tensor] = field(default_factory=list)
+    roles: list[str] = field(default_factory=list)  # which module of the entry each input came from
 
 
 @dataclass
@@ -134,35 +145,33 @@ class KFEProjector:
     ) -> None:
         if curvature is not None and curvature not in CURVATURE_ROUTES:
             raise ValueError(f"curvature route must be one of {CURVATURE_ROUTES}, got {curvature!r}")
-        modules = dict(model.named_modules())
-        missing = [name for name in bases if name not in modules]
-        if missing:
-            raise ValueError(f"layer {missing[0]} of the eigenbasis is not a module of the model")
+        sources = _sources(model, list(bases))
         self.model = model
         self.curvature = curvature
         self.mc_samples = mc_samples
         self.generator = generator
         self.num_examples = 0
         self.orders: dict[str, str] = {}
-        self.layers: dict[str, tuple[nn.Module, layer_math.LayerAdapter, LayerBasis, _LayerSums]] = {}
+        self.layers: dict[str, tuple[FactorSource, Any, LayerBasis, _LayerSums]] = {}
         for name, basis in bases.items():
-            module = modules[name]
-            adapter = layer_math.adapter_for(module)
-            if adapter is None:
-                raise ValueError(f"layer {name}: {type(module).__name__} has no K-FAC adapter")
+            module, adapter = sources[name]
             # projections run in the model's precision; the sums are accumulated in float64
-            weight = next(module.parameters())
+            weight = adapter.parameters(module)[0]
             device = weight.device
             basis = LayerBasis(*(t.to(device=device, dtype=weight.dtype) for t in vars(basis).values()))
             shape = (basis.Q_S.shape[0], basis.Q_A.shape[0])
             zeros = [torch.zeros(shape, dtype=torch.float64, device=device) for _ in range(3)]
-            self.layers[name] = (module, adapter, basis, _LayerSums(*zeros, basis_A=basis.Q_A))
+            sums = _LayerSums(*zeros, basis_A=basis.Q_A)
+            if isinstance(module, layer_math.TiedPair):
+                sums.order_S = _permutation(basis.Q_S, name)
+            self.layers[name] = (module, adapter, basis, sums)
         self._handles: list[Any] = []
         self._recording = False
 
     def __enter__(self) -> KFEProjector:
         for module, adapter, _, sums in self.layers.values():
-            self._handles.append(module.register_forward_hook(self._hook(adapter, sums)))
+            for target, role in _targets(module, adapter):
+                self._handles.append(target.register_forward_hook(self._hook(sums, role)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -170,12 +179,13 @@ class KFEProjector:
             handle.remove()
         self._handles.clear()
 
-    def _hook(self, adapter: layer_math.LayerAdapter, sums: _LayerSums):
+    def _hook(self, sums: _LayerSums, role: str):
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             if not self._recording:
                 return
             sums.inputs.append(inputs[0].detach())  # raw; prepared per contraction order below
             sums.outputs.append(output)
+            sums.roles.append(role)
 
         return hook
 
@@ -204,11 +214,16 @@ class KFEProjector:
             for *_, sums in self.layers.values():
                 sums.inputs.clear()
                 sums.outputs.clear()
+                sums.roles.clear()
         self.num_examples += inputs.shape[0]
 
     def _prepare_inputs(self, passes: int) -> None:
         """Project the inputs once per batch where the contraction order wants ``Â = a Q_A``."""
         for name, (module, adapter, basis, sums) in self.layers.items():
+            if isinstance(module, layer_math.TiedPair):
+                self.orders[name] = "project_first"
+                _prepare_tied_inputs(module, adapter, sums)
+                continue
             locations = adapter.output_grads(module, sums.outputs[0].detach()).shape[1]
             order = contraction_order(locations, basis.Q_S.shape[0], basis.Q_A.shape[0], passes)
             self.orders[name] = order
@@ -227,17 +242,23 @@ class KFEProjector:
     def _accumulate(self, grads: Sequence[Tensor], weight: float, is_curvature: bool) -> None:
         position = 0
         for name, (module, adapter, basis, sums) in self.layers.items():
-            for a in sums.inputs:
-                layer = _Layer(module, adapter, basis, sums.input_rows)
-                grad_output = grads[position]
-                position += 1
+            layer = _Layer(module, adapter, basis, sums.input_rows)
+            layer_grads = grads[position : position + len(sums.outputs)]
+            position += len(sums.outputs)
+            if isinstance(module, layer_math.TiedPair):
+                chunks = _tied_coefficients(sums, layer_grads, layer)
+            else:
+                chunks = (
+                    chunk
+                    for a, grad_output in zip(sums.inputs, layer_grads, strict=True)
+                    for chunk in _coefficients(a, grad_output, layer, self.orders[name])
+                )
+            for c, c2 in chunks:
                 if is_curvature:
-                    for _, c2 in _coefficients(a, grad_output, layer, self.orders[name]):
-                        sums.sum_curvature.add_(c2, alpha=weight)
+                    sums.sum_curvature.add_(c2, alpha=weight)
                 else:
-                    for c, c2 in _coefficients(a, grad_output, layer, self.orders[name]):
-                        sums.sum_c.add_(c)
-                        sums.sum_c2.add_(c2)
+                    sums.sum_c.add_(c)
+                    sums.sum_c2.add_(c2)
 
     def reduce(self) -> None:
         """Add up the sums ``Σ c``, ``Σ c²``, the curvature sums and the example count of all processes
@@ -289,7 +310,7 @@ def _project_inputs(a: Tensor, input_rows: tuple[Tensor, Tensor | None]) -> Tens
 class _Layer:
     """What the coefficient kernels need of one layer."""
 
-    module: nn.Module
+    module: FactorSource
     adapter: layer_math.LayerAdapter
     basis: LayerBasis
     input_rows: tuple[Tensor, Tensor | None]
@@ -327,6 +348,79 @@ def _coefficients(
             c = basis.Q_S.T @ rotated
         c = c.double()
         yield c.sum(dim=0), (c * c).sum(dim=0)
+
+
+def _sources(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[FactorSource, Any]]:
+    """The module (or :class:`~curvlab.layers.TiedPair`) and adapter of each named layer, named as factor
+    capture names them (:func:`curvlab.factors.select_layers`: a tied embedding after its Linear)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # factor capture has warned about the layers it leaves out
+        selected = select_layers(model)
+    modules = dict(model.named_modules())
+    for name in names:
+        if name not in modules:
+            raise ValueError(f"layer {name} of the eigenbasis is not a module of the model")
+        if name not in selected:
+            kind = type(modules[name]).__name__
+            raise ValueError(f"layer {name}: {kind} is not a layer with K-FAC factors")
+    return {name: selected[name] for name in names}
+
+
+def _targets(source: FactorSource, adapter: Any) -> list[tuple[nn.Module, str]]:
+    """The modules to hook, each with its role: the layer, or both uses of a tied weight."""
+    if isinstance(source, layer_math.TiedPair):
+        return adapter.targets(source)
+    return [(source, "layer")]
+
+
+def _permutation(Q_S: Tensor, name: str) -> Tensor:
+    """``order`` with ``Q_S = I[:, order]``, the eigenbasis of a diagonal factor (see :func:`_eigh`)."""
+    order = Q_S.argmax(dim=0)
+    size = len(order)
+    ones = bool((Q_S[order, torch.arange(size, device=Q_S.device)] == 1).all())
+    if not (ones and int(torch.count_nonzero(Q_S)) == size and order.unique().numel() == size):
+        raise ValueError(f"layer {name}: the tied entry's S must be diagonal (its eigenbasis a permutation)")
+    return order
+
+
+def _prepare_tied_inputs(pair: layer_math.TiedPair, adapter: Any, sums: _LayerSums) -> None:
+    """The Linear's inputs projected once per batch, ``Â = [a, 1] Q_A``; the token ids as ``[B, T]``."""
+    sums.input_rows = _input_rows(sums.basis_A, None, adapter.has_bias(pair))
+    sums.inputs[:] = [
+        _project_inputs(adapter.inputs(pair, role, x), sums.input_rows)
+        if role == "linear"
+        else adapter.inputs(pair, role, x)
+        for role, x in zip(sums.roles, sums.inputs, strict=True)
+    ]
+
+
+def _tied_coefficients(
+    sums: _LayerSums, grads: Sequence[Tensor], layer: _Layer
+) -> Iterable[tuple[Tensor, Tensor]]:
+    """Yield ``(Σ_n c_n, Σ_n c_n²)`` of the tied embedding / pre-softmax weight over chunks of the batch.
+
+    ``c_n = Q_S^T G_n Q_A`` with ``G_n Q_A = Σ_t g_t Â_t^T + Σ_τ onehot(x_τ) ĥ_τ^T`` (``Â = [a, 1] Q_A``
+    prepared, ``ĥ = [h, 0] Q_A`` projected here) from the adapter, both uses summed before squaring.
+    ``S`` is diagonal, so ``Q_S = I[:, order]`` and ``Q_S^T M = M[order]``: the rows of the chunk sums
+    are permuted, not the per-example matrices.
+    """
+    pair, adapter = layer.module, layer.adapter
+    rows, _ = layer.input_rows
+    linear, embedding = [], []
+    for role, x, grad_output in zip(sums.roles, sums.inputs, grads, strict=True):
+        grad = adapter.output_grads(pair, role, grad_output)
+        if role == "linear":
+            linear.append((x, grad))
+        else:
+            embedding.append((x, grad @ rows))
+    m, n = layer.basis.Q_S.shape[0], layer.basis.Q_A.shape[0]
+    chunk = max(1, CHUNK_BYTES // (8 * m * n))  # the float64 copy of a chunk of coefficients
+    for start in range(0, sums.inputs[0].shape[0], chunk):
+        part = slice(start, start + chunk)
+        rotated = adapter.per_example_gradients(
+            pair, [(a[part], g[part]) for a, g in linear], [(ids[part], h[part]) for ids, h in embedding]
+        ).double()
+        yield rotated.sum(dim=0)[sums.order_S], (rotated * rotated).sum(dim=0)[sums.order_S]
 
 
 def project_gradients(

@@ -347,6 +347,49 @@ class TiedEmbeddingAdapter:
             return core
         return F.pad(core, (0, 1, 0, 1))
 
+    def targets(self, pair: TiedPair) -> list[tuple[nn.Module, str]]:
+        """The two modules of the pair, each with its role (``"linear"`` or ``"embedding"``)."""
+        return [(pair.linear, "linear"), (pair.embedding, "embedding")]
+
+    def inputs(self, pair: TiedPair, role: str, x: Tensor) -> Tensor:
+        """Normal form of one use's input: the Linear's ``a`` ``[B, T, d]`` or the token ids ``[B, T]``."""
+        if role == "linear":
+            return LinearAdapter().inputs(pair.linear, x)
+        return EmbeddingAdapter().token_ids(pair.embedding, x)
+
+    def output_grads(self, pair: TiedPair, role: str, grad_output: Tensor) -> Tensor:
+        """Normal form of one use's output gradient: ``g`` ``[B, T, V]`` (Linear) or ``h`` ``[B, T, d]``."""
+        if role == "linear":
+            return LinearAdapter().output_grads(pair.linear, grad_output)
+        return EmbeddingAdapter().output_grads(pair.embedding, grad_output)
+
+    def per_example_gradients(
+        self,
+        pair: TiedPair,
+        linear_terms: list[tuple[Tensor, Tensor]],
+        embedding_terms: list[tuple[Tensor, Tensor]],
+    ) -> Tensor:
+        """``G_n = Σ_t g_t a_t^T + Σ_τ onehot(x_τ) u_τ^T`` for every example, ``[B, V, k]``.
+
+        ``linear_terms``: one ``(a, g)`` per call of the Linear (``a`` ``[B, T, k]``, logit gradients
+        ``g`` ``[B, T, V]``); ``embedding_terms``: one ``(ids, u)`` per call of the Embedding (token ids
+        ``[B, T]``, ``u`` ``[B, T, k]``). The d-side vectors are ``[a, 1]`` and ``[h, 0]`` with a bias, or
+        those times ``Q_A`` (``G`` is linear in them, so that gives ``G Q_A``). The embedding's terms are
+        added to the token's row with ``index_add`` (no one-hot matrix); ``padding_idx`` adds nothing.
+        """
+        first = linear_terms[0][0] if linear_terms else embedding_terms[0][1]
+        batch, vocab, width = first.shape[0], pair.linear.weight.shape[0], first.shape[-1]
+        G = first.new_zeros(batch, vocab, width)
+        for a, g in linear_terms:
+            G.baddbmm_(g.transpose(1, 2), a)
+        rows_of = G.view(batch * vocab, width)
+        for ids, u in embedding_terms:
+            if pair.embedding.padding_idx is not None:
+                u = u * (ids != pair.embedding.padding_idx).unsqueeze(-1).to(u.dtype)
+            rows = ids + vocab * torch.arange(batch, device=ids.device).unsqueeze(1)
+            rows_of.index_add_(0, rows.reshape(-1), u.reshape(-1, width))
+        return G
+
     def weight_shape(self, pair: TiedPair) -> tuple[int, ...]:
         """``(V, d)``: the pre-softmax Linear's ``(out, in)``."""
         return tuple(pair.linear.weight.shape)
