@@ -411,7 +411,7 @@ def _add_gradcov(commands: argparse._SubParsersAction) -> None:
         choices=("auto", "exact", "mc", "fvp"),
         default="auto",
         help="all-direction route (exact: one pass per class; mc: sampled labels) or fvp only on the "
-        "selected directions; auto = exact for up to 100 classes, else mc",
+        "selected directions; auto = exact for up to 100 classes × label locations (tokens), else mc",
     )
     p.add_argument("--mc-samples", type=_positive_int, default=4)
     p.add_argument("--layers", action="append", default=None, metavar="GLOB")
@@ -468,8 +468,8 @@ def run_gradcov(args: argparse.Namespace) -> int:
             raise OptionError(f"{args.checkpoint}: no layer matches --layers {' '.join(args.layers)}")
     bases = bases_from_checkpoint(args.checkpoint, source.step, names)
     route = args.curvature
-    if route == "auto":
-        route = "exact" if data.num_classes <= 100 else "mc"
+    if route == "auto":  # exact: one backward pass per class and label location of an example
+        route = "exact" if data.num_classes * max(1, data.y[0].numel()) <= 100 else "mc"
     dtype = getattr(torch, args.dtype)
     model.to(device=device, dtype=dtype)
     torch.manual_seed(args.seed)

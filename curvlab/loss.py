@@ -14,7 +14,8 @@ backpropagated logit-gradient vectors ``u``:
   keep its rows, getting the labels a single process would (``rows=(offset, total)``);
 * ``exact``: the C columns of a square root ``H = B B^T``. ``B = diag(√p) - p √p^T`` works, since
   ``B B^T = diag(p) - 2 p p^T + p (√p^T √p) p^T = diag(p) - p p^T`` because ``Σ p = 1``; its column
-  ``c`` is ``√p_c (e_c - p)``.
+  ``c`` is ``√p_c (e_c - p)``. With ``L`` locations per example the Hessian of the example's loss is
+  block diagonal and there are ``C × L`` columns, one per class and location (:func:`_exact_columns`).
 
 Logits may carry location dimensions, ``(B, ..., C)`` with labels ``(B, ...)`` (e.g. tokens of a
 sequence); the per-example loss is the sum over its locations.
@@ -22,10 +23,13 @@ sequence); the per-example loss is the sum over its locations.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor
+
+from curvlab.errors import OptionError
 
 FISHER_TYPES = ("empirical", "mc", "exact")
 
@@ -64,13 +68,47 @@ def logit_gradient_samples(
             sampled = sample_categorical(probs, uniforms[k])
             yield probs - _one_hot_like(sampled, probs), 1.0 / mc_samples
     elif fisher_type == "exact":
-        sqrt_probs = probs.sqrt()
-        for c in range(probs.shape[-1]):
-            column = -sqrt_probs[..., c : c + 1] * probs
-            column[..., c] += sqrt_probs[..., c]
-            yield column, 1.0
+        yield from _exact_columns(probs)
     else:
         raise ValueError(f"unknown Fisher type {fisher_type!r}; choose one of {FISHER_TYPES}")
+
+
+# The most backward passes per batch the exact Fisher may ask for (classes × locations per example).
+EXACT_PASS_LIMIT = 4096
+
+
+def exact_passes(logits_shape: torch.Size | tuple[int, ...]) -> int:
+    """Backward passes of the exact Fisher for logits ``(B, *locations, C)``: ``C × locations``."""
+    return math.prod(logits_shape[1:])
+
+
+def _exact_columns(probs: Tensor) -> Iterator[tuple[Tensor, float]]:
+    """The columns of a square root of the per-example Hessian ``blockdiag_l(diag(p_l) − p_l p_l^T)``.
+
+    The loss of an example is the sum over its locations ``l`` (tokens), so its Hessian at the logits is
+    block diagonal, one ``C × C`` block per location, and a square root has ``C × L`` columns: column
+    ``(l, c)`` is ``√p_lc (e_c − p_l)`` at location ``l`` and zero elsewhere. With one location these are
+    the ``C`` columns of the module docstring, one backward pass each, for all examples at once.
+    Backpropagating class ``c``'s column from all locations at once instead would add the cross-location
+    products ``Σ_c b_lc b_l'c^T`` (``l ≠ l'``), which are not zero: that is not the Fisher.
+    """
+    passes = exact_passes(probs.shape)
+    if passes > EXACT_PASS_LIMIT:
+        raise OptionError(
+            f"the exact Fisher of logits with {passes // probs.shape[-1]} locations and {probs.shape[-1]} "
+            f"classes per example takes {passes} backward passes per batch (one per class and location; "
+            f"at most {EXACT_PASS_LIMIT}); use the mc Fisher"
+        )
+    sqrt_probs = probs.sqrt()
+    flat_p = probs.reshape(probs.shape[0], -1, probs.shape[-1])
+    flat_sqrt = sqrt_probs.reshape(flat_p.shape)
+    locations = flat_p.shape[1]
+    for loc in range(locations):
+        for c in range(probs.shape[-1]):
+            column = torch.zeros_like(flat_p) if locations > 1 else torch.empty_like(flat_p)
+            column[:, loc] = -flat_sqrt[:, loc, c : c + 1] * flat_p[:, loc]
+            column[:, loc, c] += flat_sqrt[:, loc, c]
+            yield column.reshape(probs.shape), 1.0
 
 
 def batch_uniforms(
