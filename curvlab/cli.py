@@ -178,6 +178,8 @@ def run_factors(args: argparse.Namespace) -> int:
     if ctx.is_main:
         _check_writable(args.output)
     source = _weights_source(args)
+    if source:
+        distributed.check_same([source.step], f"{args.weights}: the step of --weights")
     name = args.model or (source.model_name if source else None)
     if name is None:
         raise OptionError("--model is required (or --weights with a checkpoint that names its model)")
@@ -454,6 +456,7 @@ def run_gradcov(args: argparse.Namespace) -> int:
     if args.directions < 0:
         raise OptionError(f"--directions must be >= 0, got {args.directions}")
     model, source = rebuild_model(args.checkpoint, args.step)
+    distributed.check_same([source.step], f"{args.checkpoint}: the step")
     data_spec = args.data or (source.config or {}).get("data", "digits")
     options = data_options(source.model_name, (source.config or {}).get("args", {}))
     data = load_dataset(data_spec, split="train", limit=args.examples, **options)

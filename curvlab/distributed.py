@@ -193,11 +193,47 @@ def collective(what: str) -> Iterator[None]:
         text = str(exc)
         raise DistributedError(prefix + what + ": " + text.removeprefix(prefix)) from None
     except RuntimeError as exc:  # torch.distributed's errors (DistError, DistBackendError) are these
+        if not _lost_peer(exc):
+            raise  # a failure of this process's own work (out of memory, eigh, shapes) stays what it is
         ctx = context()
         raise DistributedError(
             f"{ctx.describe()}: {what}: lost the other processes ({_first_line(exc)}); one of them "
             f"died, failed or stalled beyond the {timeout_seconds():g} s timeout ({TIMEOUT_ENV})"
         ) from None
+
+
+# What gloo's and NCCL's errors about a peer or the network say (they are plain RuntimeErrors in gloo).
+_TRANSPORT_WORDS = re.compile(
+    r"connection|timed out|timeout|peer|socket|broken pipe|reset by|gloo|nccl|rendezvous|store", re.IGNORECASE
+)
+
+
+def _lost_peer(exc: RuntimeError) -> bool:
+    """Whether ``exc`` comes from the transport (a peer died or stalled), not from this process's work."""
+    own_failures = (torch.linalg.LinAlgError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
+    if isinstance(exc, own_failures):
+        return False
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    return bool(_TRANSPORT_WORDS.search(str(exc)))
+
+
+def check_same(values: Sequence[int], what: str) -> None:
+    """Raise :class:`~curvlab.errors.OptionError` unless every process holds the same integers.
+
+    For choices each process makes from its inputs — e.g. the "latest" step of a checkpoint that another
+    job is appending to — which must agree before the work is shared out.
+    """
+    ctx = context()
+    if not ctx.active:
+        return
+    (length,) = all_reduce_max_int([len(values)], what)
+    padded = [*values, *[-1] * (length - len(values)), len(values)]
+    high = all_reduce_max_int(padded, what)
+    low = [-v for v in all_reduce_max_int([-v for v in padded], what)]
+    if high != low:
+        raise OptionError(f"{what}: the processes disagree ({ctx.describe()} has {list(values)}); is the "
+                          "input being written while it is read?")
 
 
 def my_batches(batches: Iterable[T], ctx: Context | None = None) -> Iterator[tuple[int, T]]:

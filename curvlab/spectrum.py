@@ -719,7 +719,19 @@ def _share(reader: CheckpointReader, step: int, names: Sequence[str], options: d
     factors = _factor_sizes(reader, step, names)
     budget = _batch_budget(options["batch_bytes"], options["device"])
     batches = plan_batches(factors, options["dtype"], budget)
-    return _Share(factors, batches, assign_batches(batches, distributed.context().world_size))
+    ranks = assign_batches(batches, distributed.context().world_size)
+    return _Share(factors, batches, _lightest_share_first(ranks, batches, distributed.context().world_size))
+
+
+def _lightest_share_first(ranks: list[int], batches: list[list[FactorSize]], world_size: int) -> list[int]:
+    """Renumber the shares so that process 0 gets the lightest: it finishes first and then receives,
+    so the others send as soon as they are done instead of waiting (a send that waits longer than the
+    timeout fails) — the assignment itself, and so the balance, stay those of :func:`assign_batches`."""
+    loads = [0] * world_size
+    for batch, rank in zip(batches, ranks, strict=True):
+        loads[rank] += sum(factor_cost(n, kind) for _, n, kind in batch)
+    new_rank = {old: new for new, old in enumerate(sorted(range(world_size), key=lambda r: (loads[r], r)))}
+    return [new_rank[r] for r in ranks]
 
 
 def _decompose_batches(
@@ -1522,6 +1534,10 @@ def compute_spectrum(
                 warnings.simplefilter("ignore", IncompleteStepWarning)
                 reader.step_numbers()
         numbers = _select_steps(reader.step_numbers(), steps, source)
+        if ctx.active and out:
+            from curvlab import distributed
+
+            distributed.check_same(numbers, f"{source}: the steps to decompose")
         patterns = list(layers) if layers is not None else None
         used: set[str] = set()
         plan = {n: _select_layers(reader.layer_names(n), patterns, used) for n in numbers}

@@ -214,3 +214,34 @@ def test_nested_stages_name_the_outer_one_first(monkeypatch):
     text = str(info.value)
     assert text.startswith("process 1 of 2: step 5: adding up the factor sums: lost the other processes "
                            "(Connection closed by peer [127.0.0.1]:4); one of them died")
+
+
+def test_processes_that_choose_different_steps_stop_with_one_line(tmp_path):
+    """Each process picks the step of --weights itself (the latest, unless given): if they disagree (a
+    checkpoint appended to while it is read, here forced by different --step options) every process
+    stops before any work with exit status 2."""
+    base = ["factors", "--model", "mlp", "--examples", "64", "--quiet"]
+    assert torchrun([*base, "-o", "ck.h5"], cwd=tmp_path, nproc=1).returncode == 0
+    appended = torchrun([*base, "--append", "--as-step", "5", "-o", "ck.h5"], cwd=tmp_path, nproc=1)
+    assert appended.returncode == 0
+    port = free_port()
+    ranks = [start_rank(["factors", "--weights", "ck.h5", "--step", step, "--examples", "64", "--quiet",
+                         "-o", "x.h5"], rank=r, world_size=2, port=port, cwd=tmp_path)
+             for r, step in enumerate(("0", "5"))]
+    errors = [p.communicate(timeout=120)[1] for p in ranks]
+    assert [p.returncode for p in ranks] == [2, 2]
+    for rank, err in enumerate(errors):
+        line = _error_line(err)
+        assert f"process {rank} of 2: ck.h5: the step of --weights: the processes disagree" in line
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_only_transport_failures_are_called_lost_peers():
+    assert distributed._lost_peer(RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:4"))
+    assert distributed._lost_peer(RuntimeError("Timed out waiting 60000ms for recv operation to complete"))
+    assert not distributed._lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))
+    singular = torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge (timeout)")
+    assert not distributed._lost_peer(singular)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        with distributed.collective("step 3"):
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)")

@@ -26,6 +26,7 @@ from torchrun_util import free_port, h5_differences, start_rank, torchrun
 from curvlab.cli import main
 from curvlab.spectrum import (
     DEFAULT_BATCH_BYTES,
+    _lightest_share_first,
     assign_batches,
     assign_factors,
     decompose_factors,
@@ -222,9 +223,13 @@ def test_a_failed_decomposition_names_its_factor_and_stops_process_0(tmp_path):
              (("embed", "A"), 40, "diagonal"), (("decoder", "S"), 30, "diagonal"),
              (("decoder", "A"), 8, "dense"), (("fc2", "S"), 9, "dense"), (("fc2", "A"), 16, "dense")]
     batches = plan_batches(sizes, "float64", DEFAULT_BATCH_BYTES["cpu"])
-    owner = {key: rank for batch, rank in zip(batches, assign_batches(batches, 2), strict=True)
-             for key, _, _ in batch}
-    assert owner[("fc2", "S")] == 1 and owner[("fc", "S")] == 0  # the 16s go to 0, the 9s to 1
+    assigned = assign_batches(batches, 2)
+    first = {key: r for batch, r in zip(batches, assigned, strict=True) for key, _, _ in batch}
+    assert first[("fc2", "S")] == 1
+    # then the lighter share (the 9s) is renumbered to process 0, which receives after its own work
+    final = _lightest_share_first(assigned, batches, 2)
+    owner = {key: rank for batch, rank in zip(batches, final, strict=True) for key, _, _ in batch}
+    assert owner[("fc2", "S")] == 0 and owner[("fc", "S")] == 1
     port = free_port()
     args = ["spectrum", str(ckpt), "--quiet", "-o", "out.h5"]
     ranks = [start_rank(args, rank=r, world_size=2, port=port, cwd=tmp_path, CURVLAB_DIST_TIMEOUT="30")
@@ -232,10 +237,10 @@ def test_a_failed_decomposition_names_its_factor_and_stops_process_0(tmp_path):
     errors = [p.communicate(timeout=120)[1] for p in ranks]
     for err in errors:
         assert len([line for line in err.splitlines() if line.strip()]) == 1 and "Traceback" not in err, err
-    assert ranks[1].returncode == 2
-    assert f"curvlab: error: process 1 of 2: {ckpt}: step 7: layer fc2: factor S is not positive " \
-        "semi-definite" in errors[1]
-    assert ranks[0].returncode == 1
-    assert "process 0 of 2: receiving the eigendecompositions of step 7 from process 1: lost the other " \
-        "processes" in errors[0]
+    assert ranks[0].returncode == 2
+    assert f"curvlab: error: process 0 of 2: {ckpt}: step 7: layer fc2: factor S is not positive " \
+        "semi-definite" in errors[0]
+    assert ranks[1].returncode == 1
+    assert "process 1 of 2: sending the eigendecompositions of step 7" in errors[1]
+    assert "lost the other processes" in errors[1]
     assert not (tmp_path / "out.h5").exists()
