@@ -218,7 +218,8 @@ def _lost_peer(exc: RuntimeError) -> bool:
     return bool(_TRANSPORT_WORDS.search(str(exc)))
 
 
-def check_same(values: Sequence[int], what: str) -> None:
+def check_same(values: Sequence[int], what: str,
+               hint: str = "is the input being written while it is read?") -> None:
     """Raise :class:`~curvlab.errors.OptionError` unless every process holds the same integers.
 
     For choices each process makes from its inputs — e.g. the "latest" step of a checkpoint that another
@@ -232,8 +233,7 @@ def check_same(values: Sequence[int], what: str) -> None:
     high = all_reduce_max_int(padded, what)
     low = [-v for v in all_reduce_max_int([-v for v in padded], what)]
     if high != low:
-        raise OptionError(f"{what}: the processes disagree ({ctx.describe()} has {list(values)}); is the "
-                          "input being written while it is read?")
+        raise OptionError(f"{what}: the processes disagree ({ctx.describe()} has {list(values)}); {hint}")
 
 
 def my_batches(batches: Iterable[T], ctx: Context | None = None) -> Iterator[tuple[int, T]]:

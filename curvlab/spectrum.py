@@ -903,12 +903,10 @@ def _check_same_batches(options: dict[str, Any]) -> None:
     from curvlab import distributed
 
     budget = _batch_budget(options["batch_bytes"], options["device"])
-    high, negated_low = distributed.all_reduce_max_int([budget, -budget], "agreeing on the eigh batches")
-    if high != -negated_low:
-        raise OptionError(
-            f"the processes batch the eigendecompositions differently ({-negated_low} to {high} bytes): "
-            f"--device resolved to {options['device'].type} here and to another kind of device elsewhere"
-        )
+    distributed.check_same(
+        [budget], "the eigh batch budget in bytes",
+        hint=f"--device resolved to {options['device'].type} here and to another kind of device elsewhere",
+    )
 
 
 # --------------------------------------------------------------------------------------------------

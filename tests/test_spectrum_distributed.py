@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from test_spectrum import write_checkpoint
 from torchrun_util import free_port, h5_differences, start_rank, torchrun
 
 from curvlab.cli import main
@@ -134,7 +135,7 @@ def test_batches_stay_together_and_are_the_engines_eigh_calls(monkeypatch):
 # ------------------------------------------------------------------------- one process vs two, end to end
 
 
-def write_checkpoint(path: Path) -> None:
+def mixed_checkpoint(path: Path) -> None:
     """Dense float64, dense float32 and diagonal factors, written with plain h5py (docs/format.md)."""
     rng = np.random.default_rng(3)
 
@@ -142,27 +143,12 @@ def write_checkpoint(path: Path) -> None:
         x = rng.standard_normal((3 * n, n)) * np.linspace(1, 3, n)
         return ((x.T @ x + (x.T @ x).T) / (6 * n)).astype(dtype)
 
-    layers = {
+    write_checkpoint(path, {
         "fc": ("Linear", (16, 8), True, psd(9), psd(16)),
         "embed": ("Embedding", (40, 12), False, rng.random(40) + 0.05, psd(12, np.float32)),
         "decoder": ("TiedEmbedding", (30, 8), False, psd(8), rng.random(30) + 0.01),
         "fc2": ("Linear", (9, 16), False, psd(16), psd(9)),
-    }
-    with h5py.File(path, "w") as f:
-        f.attrs["format"] = "curvlab.kfac"
-        f.attrs["format_version"] = 1
-        g = f.create_group("steps/7")
-        g.attrs["step"] = 7
-        g.attrs["fisher_type"] = "empirical"
-        g.attrs["num_examples"] = 100
-        for name, (module_type, weight_shape, has_bias, a, s) in layers.items():
-            lg = g.create_group(f"factors/{name}")
-            lg.attrs["module_type"] = module_type
-            lg.attrs["weight_shape"] = np.array(weight_shape)
-            lg.attrs["has_bias"] = has_bias
-            lg["A"] = a
-            lg["S"] = s
-        g.attrs["complete"] = True
+    })
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +161,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     assert main(base) == 0
     assert main([*base, "--seed", "1", "--append", "--as-step", "1"]) == 0
     assert main(["factors", "--model", "simple_cnn", "--examples", "100", "--quiet", "-o", str(cnn)]) == 0
-    write_checkpoint(hand)
+    mixed_checkpoint(hand)
     return {"mlp": mlp, "cnn": cnn, "hand": hand}
 
 
@@ -214,7 +200,7 @@ def test_a_failed_decomposition_names_its_factor_and_stops_process_0(tmp_path):
     """An indefinite factor decomposed by process 1: one CheckpointError line there (exit 2), one
     DistributedError line on process 0 (exit 1), no output file."""
     ckpt = tmp_path / "bad.h5"
-    write_checkpoint(ckpt)
+    mixed_checkpoint(ckpt)
     with h5py.File(ckpt, "r+") as f:
         # Passes the reader's checks (|X_ij| <= sqrt(X_ii X_jj)) but has eigenvalue -0.8.
         del f["steps/7/factors/fc2/S"]
