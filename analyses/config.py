@@ -100,7 +100,7 @@ SETTINGS: dict[str, Any] = {"paper": PAPER, "tiny": TINY}.get(SCALE, SMALL)
 
 def run_curvlab(*argv: str) -> None:
     """Run one curvlab command in this process; stop the whole build on its failure."""
-    from curvlab.cli import main
+    from curvlab.commands import main
 
     print(f"$ curvlab {' '.join(argv)}", file=sys.stderr, flush=True)
     status = main(list(argv))
@@ -120,7 +120,7 @@ def capture_json(*argv: str) -> dict[str, Any]:
 
 
 def write_json(path: Path, payload: Any) -> None:
-    from curvlab.atomic import atomic_output
+    from curvlab.io.atomic import atomic_output
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as tmp, open(tmp, "w") as f:

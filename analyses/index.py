@@ -235,7 +235,7 @@ def build() -> dict[str, Any]:
         + "".join(sections)
         + "</body></html>"
     )
-    from curvlab.atomic import atomic_output
+    from curvlab.io.atomic import atomic_output
 
     with atomic_output(FIGURES / "index.html") as tmp:
         Path(tmp).write_text(page)

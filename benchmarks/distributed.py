@@ -41,7 +41,7 @@ def _worker(rank: int, world: int, threads: int, port: int, repeat: int, queue: 
 
     torch.set_num_threads(threads)
     from curvlab import distributed
-    from curvlab.factors import collect_factors
+    from curvlab.capture.factors import collect_factors
     from curvlab.models import build_model
 
     if world > 1:

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from benchmarks.harness import timeit, write_result
-from curvlab.factors import collect_factors
-from curvlab.layers import adapter_for
+from curvlab.capture.factors import collect_factors
+from curvlab.capture.layers import adapter_for
 from curvlab.models import build_model
 
 NUM_EXAMPLES = 2048

@@ -9,13 +9,13 @@ Work: ``Σ_n c_n`` and ``Σ_n c_n²`` for every Kronecker-factored eigenbasis di
 Methods, timed side by side in this process (median of repeats) and, for peak memory, each once more
 in a fresh child process (peak RSS above the process's RSS after set-up):
 
-* ``curvlab`` — :func:`curvlab.gradcov.project_gradients` (projections first; batches of 128);
+* ``curvlab`` — :func:`curvlab.analysis.gradcov.project_gradients` (projections first; batches of 128);
 * ``vmap_grad`` — per-example gradients of the whole batch of 1,024 by ``torch.func.vmap(grad)``, then
   the explicit projection ``Q_S^T G_n Q_A`` per layer;
 * ``backpack`` — per-example gradients by BackPACK's ``BatchGrad`` (batch of 1,024), same projection.
 
 All three must give the same sums (checked, relative 1e-4 in float32) before anything is timed. Also
-timed: one ``v^T F v`` by forward-mode jvp (:func:`curvlab.curvature.directional_curvature`) against
+timed: one ``v^T F v`` by forward-mode jvp (:func:`curvlab.analysis.curvature.directional_curvature`) against
 one plain gradient pass over the same 1,024 examples.
 """
 
@@ -34,9 +34,9 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from benchmarks.harness import reset_peak_rss, rss_mb, timeit, write_result
-from curvlab.curvature import directional_curvature
-from curvlab.factors import collect_factors
-from curvlab.gradcov import LayerBasis, project_gradients
+from curvlab.analysis.curvature import directional_curvature
+from curvlab.analysis.gradcov import LayerBasis, project_gradients
+from curvlab.capture.factors import collect_factors
 
 NUM_EXAMPLES = 1024
 CURVLAB_BATCH = 128

@@ -11,9 +11,9 @@ Two checkpoints, written to a temporary folder first:
 
 Timed side by side in this process, on the CPU, float64:
 
-* ``curvlab`` — :func:`curvlab.spectrum.compute_spectrum` (read layer by layer + validate + symmetrise
-  + batched eigh + clip + write eigenvalues and eigenvectors atomically) and
-  :func:`curvlab.spectrum.spectrum_summary` (count, trace, max, min, quantiles, top-10, per-layer
+* ``curvlab`` — :func:`curvlab.analysis.spectrum.compute_spectrum` (read layer by layer + validate +
+  symmetrise + batched eigh + clip + write eigenvalues and eigenvectors atomically) and
+  :func:`curvlab.analysis.spectrum.spectrum_summary` (count, trace, max, min, quantiles, top-10, per-layer
   statistics of the Kronecker products, never materialised): everything ``curvlab spectrum --json``
   does except printing;
 * ``raw_eigh`` — ``torch.linalg.eigh`` of every dense factor, already in memory (the floor: the
@@ -51,7 +51,7 @@ RESNET_EXAMPLES, RESNET_BATCH = 256, 128
 
 
 def make_resnet8_checkpoint(path: Path) -> None:
-    from curvlab.factors import collect_factors, save_factors
+    from curvlab.capture.factors import collect_factors, save_factors
     from curvlab.models import build_model, model_config
 
     torch.manual_seed(0)
@@ -74,7 +74,7 @@ def _power_law_psd(n: int, seed: int) -> np.ndarray:
 
 
 def make_transformer_checkpoint(path: Path) -> None:
-    from curvlab.checkpoint import LayerFactors, Step, save
+    from curvlab.io.checkpoint import LayerFactors, Step, save
 
     rng = np.random.default_rng(0)
     layers = {
@@ -95,13 +95,13 @@ def make_transformer_checkpoint(path: Path) -> None:
 
 
 def run_curvlab(ckpt: str, out: str) -> dict:
-    from curvlab.spectrum import compute_spectrum, spectrum_summary
+    from curvlab.analysis.spectrum import compute_spectrum, spectrum_summary
 
     return spectrum_summary(compute_spectrum(ckpt, out, device="cpu", dtype="float64"))
 
 
 def load_dense_tensors(ckpt: str) -> list[torch.Tensor]:
-    from curvlab.checkpoint import load
+    from curvlab.io.checkpoint import load
 
     step = next(iter(load(ckpt, weights=False).steps.values()))
     return [
@@ -153,8 +153,8 @@ def materialised_statistics(spectra) -> dict:
 
 
 def kronecker_statistics(spectra) -> dict:
-    """The same statistics from :class:`curvlab.spectrum.KroneckerSpectrum` (never materialised)."""
-    from curvlab.spectrum import KroneckerSpectrum
+    """The same statistics from :class:`curvlab.analysis.spectrum.KroneckerSpectrum` (never materialised)."""
+    from curvlab.analysis.spectrum import KroneckerSpectrum
 
     k = KroneckerSpectrum(spectra)
     low, high = k.min_positive(), k.max()
@@ -171,7 +171,7 @@ def kronecker_statistics(spectra) -> dict:
 
 
 def spectrum_pairs(spectrum_file: str) -> list:
-    from curvlab.spectrum import load_layer_eigenvalues
+    from curvlab.analysis.spectrum import load_layer_eigenvalues
 
     return list(load_layer_eigenvalues(spectrum_file)[1].values())
 
@@ -213,7 +213,7 @@ def _peak_mb() -> float:
 def _memory_child(variant: str, ckpt: str, out: str) -> None:
     import scipy.linalg
 
-    import curvlab.spectrum  # noqa: F401
+    import curvlab.analysis.spectrum  # noqa: F401
 
     # Warm the libraries up before the baseline (LAPACK/OpenMP buffers), for every variant alike.
     torch.linalg.eigh(torch.eye(8, dtype=torch.float64))

@@ -14,8 +14,8 @@ import sys
 import torch
 
 from benchmarks.harness import timeit, write_result
-from curvlab.kfac import KFAC, mean_cross_entropy
 from curvlab.models import build_model
+from curvlab.optim.kfac import KFAC, mean_cross_entropy
 
 STEPS = 10
 

@@ -1,9 +1,9 @@
 """curvlab: curvature analysis of neural networks (Zhang et al. 2019, appendix).
 
 K-FAC factor capture (:func:`collect_factors`), the HDF5 factor checkpoint (:func:`save_factors`,
-:func:`load`), and the per-layer math they share (:mod:`curvlab.layers`).
+:func:`load`), and the per-layer math they share (:mod:`curvlab.capture.layers`).
 
-The top-level names are imported lazily, so ``import curvlab.checkpoint`` (h5py and numpy only) does
+The top-level names are imported lazily, so ``import curvlab.io.checkpoint`` (h5py and numpy only) does
 not pay for importing torch.
 """
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from curvlab.cli import main
+from curvlab.commands import main
 
 sys.exit(main())

@@ -15,7 +15,7 @@ How the work is split (docs/distributed.md):
   one flat buffer per dtype and device, so one collective for all statistics).
 * **Randomness.** Monte-Carlo labels of batch ``k`` come from a generator seeded by ``(seed, k)``
   (:func:`batch_seed`), so they do not depend on which process draws them, nor on how many there are.
-* **Files.** Every process reads the inputs; only process 0 writes, atomically (``curvlab.atomic``).
+* **Files.** Every process reads the inputs; only process 0 writes, atomically (``curvlab.io.atomic``).
 
 Failures: every collective runs under :func:`collective`, which turns a lost peer (a process that
 died, or stalled beyond the timeout) into one :class:`DistributedError` line naming this process and

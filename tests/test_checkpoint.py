@@ -21,8 +21,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from curvlab import checkpoint as ck
-from curvlab.checkpoint import (
+from curvlab.errors import CheckpointError, CurvlabError
+from curvlab.io import checkpoint as ck
+from curvlab.io.checkpoint import (
     MODULE_TYPES,
     Checkpoint,
     CheckpointReader,
@@ -30,7 +31,6 @@ from curvlab.checkpoint import (
     LayerFactors,
     Step,
 )
-from curvlab.errors import CheckpointError, CurvlabError
 
 REPO = Path(__file__).resolve().parents[1]
 F32, F64 = np.float32, np.float64
@@ -335,7 +335,7 @@ def test_docs_example_runs_and_loads(tmp_path, monkeypatch):
     text = (REPO / "docs" / "format.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     writer = next(b for b in blocks if "h5py.File" in b)
-    reader = next(b for b in blocks if "from curvlab.checkpoint import load" in b)
+    reader = next(b for b in blocks if "from curvlab.io.checkpoint import load" in b)
     monkeypatch.chdir(tmp_path)
     exec(compile(writer, "docs/format.md", "exec"), {})
     exec(compile(reader, "docs/format.md", "exec"), {})
@@ -956,13 +956,13 @@ def install(mode, ck):
 
 if __name__ == "__main__":
     repo, path, mode = sys.argv[1:4]
-    # Import curvlab.checkpoint (and curvlab.errors) without running curvlab/__init__.py, which
+    # Import curvlab.io.checkpoint (and curvlab.errors) without running curvlab/__init__.py, which
     # imports torch: that would add about a second to each of the many children of these tests.
     import types
     package = types.ModuleType("curvlab")
     package.__path__ = [os.path.join(repo, "curvlab")]
     sys.modules["curvlab"] = package
-    from curvlab import checkpoint as ck
+    from curvlab.io import checkpoint as ck
 
     step = big_step(ck)
     install(mode, ck)

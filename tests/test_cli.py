@@ -12,8 +12,8 @@ import h5py
 import numpy as np
 import pytest
 
-from curvlab.checkpoint import load
-from curvlab.cli import main
+from curvlab.commands import main
+from curvlab.io.checkpoint import load
 
 SMALL_MLP = ["--model", "mlp", "--model-arg", "widths=16", "--examples", "64", "--quiet"]
 

@@ -1,4 +1,4 @@
-"""Tests of curvlab.data: digits, CIFAR-10 (binary and python-pickle layouts), npz, batching.
+"""Tests of curvlab.io.data: digits, CIFAR-10 (binary and python-pickle layouts), npz, batching.
 
 The CIFAR-10 files are written here byte by byte in the documented layouts, with pixel offsets
 computed independently of the loader's reshapes, so a transposed plane or a row/column swap fails.
@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from curvlab.data import (
+from curvlab.errors import CurvlabError, DataError
+from curvlab.io.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     DATA_SOURCES,
@@ -28,7 +29,6 @@ from curvlab.data import (
     iterate_batches,
     load_dataset,
 )
-from curvlab.errors import CurvlabError, DataError
 
 TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 PER_BATCH = 3  # images per small batch file

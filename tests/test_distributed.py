@@ -21,7 +21,7 @@ import torch
 from torchrun_util import free_port, h5_differences, process_env, start_rank, torchrun
 
 from curvlab import distributed
-from curvlab.cli import main
+from curvlab.commands import main
 
 ORDER_RTOL = 1e-12  # float64 sums of the same terms in another order (see the module docstring)
 

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
-from curvlab.factors import collect_factors, select_layers
-from curvlab.loss import loss_hessian
+from curvlab.capture.factors import collect_factors, select_layers
+from curvlab.capture.loss import loss_hessian
 
 RTOL = 1e-10
 ATOL = 1e-12

@@ -11,8 +11,8 @@ import h5py
 import numpy as np
 import pytest
 
-from curvlab.cli import main
-from curvlab.powerlaw import fit_rank_law, kronecker_floor
+from curvlab.analysis.powerlaw import fit_rank_law, kronecker_floor
+from curvlab.commands import main
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
-from curvlab import gradcov
-from curvlab.curvature import directional_curvature, split_weight_matrix
-from curvlab.factors import collect_factors
-from curvlab.gradcov import LayerBasis, contraction_order, project_gradients, select_directions
-from curvlab.loss import loss_hessian
+from curvlab.analysis import gradcov
+from curvlab.analysis.curvature import directional_curvature, split_weight_matrix
+from curvlab.analysis.gradcov import LayerBasis, contraction_order, project_gradients, select_directions
+from curvlab.capture.factors import collect_factors
+from curvlab.capture.loss import loss_hessian
 
 RTOL = 1e-9
 
@@ -168,7 +168,7 @@ def test_split_weight_matrix_round_trip():
 
 def test_reverse_mode_fallback_equals_forward_mode():
     """The double-backward ``J v`` (used where an op lacks forward-mode AD) gives the same curvature."""
-    from curvlab import curvature
+    from curvlab.analysis import curvature
 
     model, shape, classes = _models()["cnn"]
     x, y = _data(4, shape, classes)

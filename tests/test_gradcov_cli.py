@@ -12,7 +12,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from curvlab.cli import main
+from curvlab.commands import main
 
 
 @pytest.fixture(scope="module")

@@ -25,13 +25,14 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from curvlab import distributed, gradcov
-from curvlab.cli import main
-from curvlab.curvature import directional_curvature
-from curvlab.factors import collect_factors
-from curvlab.gradcov import LayerBasis, project_gradients, run_gradcov
-from curvlab.layers import TiedEmbeddingAdapter, TiedPair
-from curvlab.loss import logit_gradient_samples, loss_hessian
+from curvlab import distributed
+from curvlab.analysis import gradcov
+from curvlab.analysis.curvature import directional_curvature
+from curvlab.analysis.gradcov import LayerBasis, project_gradients, run_gradcov
+from curvlab.capture.factors import collect_factors
+from curvlab.capture.layers import TiedEmbeddingAdapter, TiedPair
+from curvlab.capture.loss import logit_gradient_samples, loss_hessian
+from curvlab.commands import main
 from curvlab.models.transformer import TransformerShallow
 
 RTOL = 1e-10

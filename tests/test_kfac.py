@@ -18,12 +18,12 @@ import pytest
 import torch
 from torch import nn
 
-from curvlab.checkpoint import load
-from curvlab.data import iterate_batches, load_dataset
+from curvlab.capture.factors import collect_factors, save_factors
 from curvlab.errors import CheckpointError, OptionError
-from curvlab.factors import collect_factors, save_factors
-from curvlab.kfac import KFAC, mean_cross_entropy
+from curvlab.io.checkpoint import load
+from curvlab.io.data import iterate_batches, load_dataset
 from curvlab.models import build_model
+from curvlab.optim.kfac import KFAC, mean_cross_entropy
 
 RTOL = 1e-8
 V, D = 6, 4

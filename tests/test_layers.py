@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from curvlab import layers
-from curvlab.layers import Conv2dAdapter, LinearAdapter, adapter_for, augment, second_moment
+from curvlab.capture import layers
+from curvlab.capture.layers import Conv2dAdapter, LinearAdapter, adapter_for, augment, second_moment
 
 CONVS = [
     {"kernel_size": 3, "padding": 1},

@@ -1,4 +1,5 @@
-"""Fisher logit-gradient vectors (curvlab/loss.py): their weighted outer products are the loss Hessian.
+"""Fisher logit-gradient vectors (curvlab/capture/loss.py): their weighted outer products are the
+loss Hessian.
 
 For logits ``(B, L, C)`` (L label locations per example, e.g. tokens) the Hessian of an example's summed
 loss is block diagonal, ``blockdiag_l(diag(p_l) − p_l p_l^T)``. The exact columns must give it to rounding
@@ -11,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from curvlab.capture.loss import EXACT_PASS_LIMIT, exact_passes, logit_gradient_samples, loss_hessian
 from curvlab.errors import OptionError
-from curvlab.loss import EXACT_PASS_LIMIT, exact_passes, logit_gradient_samples, loss_hessian
 
 
 def _block_hessian(logits: torch.Tensor) -> torch.Tensor:

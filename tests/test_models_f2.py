@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from curvlab.data import iterate_batches, load_dataset
+from curvlab.capture.factors import collect_factors
 from curvlab.errors import ModelError
-from curvlab.factors import collect_factors
+from curvlab.io.data import iterate_batches, load_dataset
 from curvlab.models import (
     available_models,
     build_from_config,

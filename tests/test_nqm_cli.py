@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curvlab.cli import main
+from curvlab.commands import main
 from curvlab.nqm.analysis import Grid, paper_decay_grid, steps_to_target
 from curvlab.nqm.problem import default_problem
 

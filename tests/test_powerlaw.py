@@ -1,4 +1,4 @@
-"""The rank power-law fit (curvlab.powerlaw, seed E.4): estimator, intervals, window, grid, models.
+"""The rank power-law fit (curvlab.analysis.powerlaw, seed E.4): estimator, intervals, window, grid, models.
 
 Synthetic spectra are drawn from a known rank law as the order statistics of a Pareto sample,
 ``λ = U^(-s)`` with ``U ~ Uniform(0, 1)``, whose tail index is ``1/s``: then ``λ_(i) ≈ c · i^(-s)``
@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 from scipy import special, stats
 
-from curvlab.errors import CurvlabError, OptionError
-from curvlab.powerlaw import (
+from curvlab.analysis.powerlaw import (
     THIN_GRID_RATIO,
     FitError,
     _digamma_diff,
@@ -30,7 +29,8 @@ from curvlab.powerlaw import (
     rank_grid,
     window_candidates,
 )
-from curvlab.spectrum import KroneckerSpectrum
+from curvlab.analysis.spectrum import KroneckerSpectrum
+from curvlab.errors import CurvlabError, OptionError
 
 
 def pareto(rng: np.random.Generator, s: float, n: int) -> np.ndarray:

@@ -22,11 +22,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from curvlab import spectrum as sp
-from curvlab.checkpoint import CheckpointReader, IncompleteStepWarning
-from curvlab.cli import main
-from curvlab.errors import CheckpointError, OptionError
-from curvlab.spectrum import (
+from curvlab.analysis import spectrum as sp
+from curvlab.analysis.spectrum import (
     KroneckerSpectrum,
     compute_spectrum,
     decompose_checkpoint,
@@ -36,6 +33,9 @@ from curvlab.spectrum import (
     negative_tolerance,
     solver_resolution,
 )
+from curvlab.commands import main
+from curvlab.errors import CheckpointError, OptionError
+from curvlab.io.checkpoint import CheckpointReader, IncompleteStepWarning
 
 EPS64 = np.finfo(np.float64).eps
 

@@ -24,8 +24,7 @@ import torch
 from test_spectrum import write_checkpoint
 from torchrun_util import free_port, h5_differences, start_rank, torchrun
 
-from curvlab.cli import main
-from curvlab.spectrum import (
+from curvlab.analysis.spectrum import (
     DEFAULT_BATCH_BYTES,
     _lightest_share_first,
     assign_batches,
@@ -34,6 +33,7 @@ from curvlab.spectrum import (
     factor_cost,
     plan_batches,
 )
+from curvlab.commands import main
 
 # ------------------------------------------------------------------------------- sharing out the work
 

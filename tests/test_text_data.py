@@ -1,4 +1,4 @@
-"""Tests of the text sources of curvlab.data: ``text:PATH`` and the embedded ``pystdlib`` corpus.
+"""Tests of the text sources of curvlab.io.data: ``text:PATH`` and the embedded ``pystdlib`` corpus.
 
 Expected token lists and vocabularies are written out by hand (or counted independently with
 ``collections.Counter``), never produced by the code under test.
@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from curvlab.data import (
+from curvlab.errors import CurvlabError, DataError
+from curvlab.io.data import (
     DEFAULT_SEQ_LEN,
     DEFAULT_VOCAB,
     PYSTDLIB_BYTES,
@@ -28,7 +29,6 @@ from curvlab.data import (
     text_split_mask,
     word_tokens,
 )
-from curvlab.errors import CurvlabError, DataError
 from curvlab.models.transformer import DEFAULTS as TRANSFORMER_DEFAULTS
 
 PYTHON_SNIPPET = '''import os  # a comment
@@ -251,7 +251,7 @@ def test_pystdlib_defaults_and_determinism() -> None:
 
 def build_vocabulary_of_train(dataset) -> tuple[str, ...]:
     """The vocabulary recomputed from the token strings of the ``train`` pieces (independent count)."""
-    from curvlab.data import _pystdlib_tokens
+    from curvlab.io.data import _pystdlib_tokens
 
     _, tokens = _pystdlib_tokens()
     piece = dataset.x.shape[1] + 1

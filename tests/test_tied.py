@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from curvlab.checkpoint import load
-from curvlab.factors import collect_factors, save_factors, select_layers
-from curvlab.layers import EmbeddingAdapter, TiedEmbeddingAdapter, TiedPair
+from curvlab.capture.factors import collect_factors, save_factors, select_layers
+from curvlab.capture.layers import EmbeddingAdapter, TiedEmbeddingAdapter, TiedPair
+from curvlab.io.checkpoint import load
 
 RTOL = 1e-10
 ATOL = 1e-13

@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from curvlab import checkpoint
-from curvlab.checkpoint import CheckpointReader, load
-from curvlab.cli import main
-from curvlab.train import BatchOrder, TrainConfig, learning_rate, read_config, save_steps, train
+from curvlab.commands import main
+from curvlab.io import checkpoint
+from curvlab.io.checkpoint import CheckpointReader, load
+from curvlab.optim.train import BatchOrder, TrainConfig, learning_rate, read_config, save_steps, train
 
 
 @pytest.fixture(autouse=True)
@@ -146,14 +146,14 @@ def test_resume_after_a_crash_mid_save_equals_the_uninterrupted_run(tmp_path, mo
 
 DRIVER = """
 import os, signal, sys
-from curvlab import checkpoint
+from curvlab.io import checkpoint
 real_mark = checkpoint._mark_complete
 def mark(group):
     if int(group.attrs["step"]) == int(sys.argv[1]):
         os.kill(os.getpid(), signal.SIGKILL)
     real_mark(group)
 checkpoint._mark_complete = mark
-from curvlab.cli import main
+from curvlab.commands import main
 main(sys.argv[2:])
 """
 
@@ -188,7 +188,7 @@ def test_sigkill_mid_save_leaves_completed_steps_readable_and_resume_matches(tmp
 
 def test_label_smoothing_and_data_order_of_the_first_step(tmp_path):
     """Step 1's logged loss is the smoothed cross-entropy of the initial model on batch 0 of the order."""
-    from curvlab.data import load_dataset
+    from curvlab.io.data import load_dataset
     from curvlab.models import build_model
 
     model_args = {"widths": [4, 4, 4], "blocks": 1, "label_smoothing": 0.2}

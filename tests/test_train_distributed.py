@@ -13,11 +13,11 @@ import torch
 from torch import nn
 from torchrun_util import h5_differences, torchrun
 
-from curvlab.cli import main
-from curvlab.factors import collect_factors
-from curvlab.kfac import KFAC, mean_cross_entropy
-from curvlab.loss import logit_gradient_samples, sample_categorical
-from curvlab.train import loss_scale, shard
+from curvlab.capture.factors import collect_factors
+from curvlab.capture.loss import logit_gradient_samples, sample_categorical
+from curvlab.commands import main
+from curvlab.optim.kfac import KFAC, mean_cross_entropy
+from curvlab.optim.train import loss_scale, shard
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -58,7 +58,7 @@ class _ModelSpec:
     input_form: tuple[str, ...] = ("C", "H", "W")
     #: a check of the resolved input shape and class count against the resolved arguments
     check_config: _ConfigCheck | None = None
-    #: arguments that :func:`data_options` passes on to :func:`curvlab.data.load_dataset`
+    #: arguments that :func:`data_options` passes on to :func:`curvlab.io.data.load_dataset`
     data_keys: tuple[str, ...] = ()
 
 
@@ -321,7 +321,7 @@ def model_config(
 
 
 def data_options(name: str, args: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The keyword arguments of :func:`curvlab.data.load_dataset` that model ``name`` dictates.
+    """The keyword arguments of :func:`curvlab.io.data.load_dataset` that model ``name`` dictates.
 
     ``{"vocab": ..., "seq_len": ...}`` (defaults filled in) for ``transformer_shallow``, ``{}`` for
     the image models: ``load_dataset(spec, split=..., **data_options(name, args))`` then yields data

@@ -13,7 +13,7 @@ matplotlib.use("Agg")  # headless: no display on the machines that make the figu
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from curvlab.atomic import atomic_output  # noqa: E402
+from curvlab.io.atomic import atomic_output  # noqa: E402
 
 STYLE = {
     "figure.dpi": 100,

@@ -2,8 +2,9 @@
 the NQM" — the sorted eigenvalues against their rank on log-log axes, with the NQM's ``h_i = 1/i``.
 
 The sorted spectrum is normalised by its largest eigenvalue, ``λ_(i)/λ_(1)``, so the curve starts at
-1. The fitted rank law ``λ_(i) ≈ ĉ · exp(−ŝ ψ(i)) ≈ ĉ (i − ½)^(−ŝ)`` (:mod:`curvlab.powerlaw`) is drawn
-over its window only, with the exponent and its confidence interval in the legend. The NQM's
+1. The fitted rank law ``λ_(i) ≈ ĉ · exp(−ŝ ψ(i)) ≈ ĉ (i − ½)^(−ŝ)``
+(:mod:`curvlab.analysis.powerlaw`) is drawn over its window only, with the exponent and its
+confidence interval in the legend. The NQM's
 ``h_i ∝ 1/i`` fixes a shape, not a scale: its line is drawn through the fitted law at the window's
 geometric centre, so the two slopes can be compared where the fit holds. The ranks outside the
 window (top outliers skipped, the tail below it) are shaded; the best curved alternative is drawn
@@ -16,8 +17,8 @@ import os
 
 import numpy as np
 
+from curvlab.analysis.powerlaw import RankLawFit
 from curvlab.plots import new_figure, save_figure
-from curvlab.powerlaw import RankLawFit
 
 __all__ = ["plot_rank_law"]
 

@@ -3,7 +3,7 @@ training iterations" — the whole-network eigenvalue density on log-log axes, o
 
 The eigenvalues are the products ``λ_S[i] λ_A[j]`` over all layers (design.md, "Whole-network K-FAC
 eigenspectrum"). They are binned on log-spaced edges, with counts exact from
-:meth:`curvlab.spectrum.KroneckerSpectrum.histogram` (the products are never materialised), and
+:meth:`curvlab.analysis.spectrum.KroneckerSpectrum.histogram` (the products are never materialised), and
 drawn as a density per decade: ``count / (N * Δlog10 λ)`` for ``N`` eigenvalues, so curves of
 different steps (or sizes) are comparable and the area under a curve is the fraction of eigenvalues
 that are positive. Exact zeros cannot sit on a log axis: they are left out and their number is given
@@ -18,8 +18,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from curvlab.analysis.spectrum import KroneckerSpectrum, SpectrumResult
 from curvlab.plots import new_figure, save_figure
-from curvlab.spectrum import KroneckerSpectrum, SpectrumResult
 
 __all__ = ["density_per_decade", "log_edges", "plot_eigenvalue_density"]
 
@@ -52,7 +52,7 @@ def plot_eigenvalue_density(
 ) -> None:
     """Draw the K-FAC eigenvalue density of each step (Fig. 9) and write it to ``path`` atomically.
 
-    ``spectra``: what :func:`curvlab.spectrum.compute_spectrum` returned, or ``{step: spectrum}``.
+    ``spectra``: what :func:`curvlab.analysis.spectrum.compute_spectrum` returned, or ``{step: spectrum}``.
     All steps share one set of bins spanning every step's smallest positive to largest eigenvalue.
     """
     by_step = _by_step(spectra)

@@ -1,0 +1,134 @@
+"""Curvature along chosen weight directions: ``v^T F v`` from Jacobian-vector products.
+
+For softmax cross-entropy the true Fisher equals the generalised Gauss-Newton matrix,
+``F = (1/N) Σ_n J_n^T H_n J_n`` with ``J_n`` the Jacobian of example ``n``'s logits w.r.t. the
+parameters and ``H_n = diag(p_n) − p_n p_n^T`` the Hessian of the loss at the logits (summed over the
+example's locations). A Fisher/GGN-vector product (Schraudolph 2002) is ``J^T H J v`` — a jvp and a
+vjp — but the quadratic form needs only the forward half:
+
+    v^T F v = (1/N) Σ_n u_n^T H_n u_n = (1/N) Σ_n [Σ_c p_c u_c² − (Σ_c p_c u_c)²],   u_n = J_n v,
+
+one forward-mode pass (``torch.func.jvp``) per direction and batch, with no backward pass at all.
+Where an operation has no forward-mode derivative (PyTorch's fused attention on the CPU, for one),
+``J v`` is taken by the double-backward identity ``J v = ∂/∂w [w ↦ ⟨J^T w, v⟩]`` instead: two
+reverse passes, same numbers.
+
+Directions are weight perturbations of one layer, given as the ``m × n`` matrix of design.md (bias as
+the last column); the layer's adapter (:mod:`curvlab.capture.layers`) turns one into parameter tangents. For a
+tied embedding / pre-softmax weight the layer is the pre-softmax Linear (``W = E``) and the tangent
+moves the one shared Parameter, in both of its uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from curvlab import distributed
+from curvlab.capture.layers import adapter_for
+
+
+def split_weight_matrix(module: nn.Module, matrix: Tensor) -> dict[str, Tensor]:
+    """The ``weight`` (and ``bias``) tangents of a layer from an ``m × n`` direction matrix."""
+    adapter = adapter_for(module)
+    if adapter is None:
+        raise ValueError(f"{type(module).__name__} has no K-FAC adapter")
+    weight, bias = adapter.from_matrix(module, matrix)
+    return {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+
+
+def quadratic_form_at_logits(logits: Tensor, u: Tensor) -> Tensor:
+    """``Σ_locations u^T (diag(p) − p p^T) u``, per example (logits ``(B, ..., C)``)."""
+    p = torch.softmax(logits, dim=-1)
+    per_location = (p * u * u).sum(-1) - (p * u).sum(-1) ** 2
+    return per_location.reshape(per_location.shape[0], -1).sum(-1)
+
+
+def _jvp_reverse(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]):
+    """``(fn(*primals), J v)`` by double backward, for operations without forward-mode AD."""
+    with torch.enable_grad():
+        params = tuple(p.detach().requires_grad_(True) for p in primals)
+        out = fn(*params)
+        dummy = torch.zeros_like(out, requires_grad=True)
+        grads = torch.autograd.grad(out, params, grad_outputs=dummy, create_graph=True)
+        inner = sum((g * t).sum() for g, t in zip(grads, tangents, strict=True))
+        (jv,) = torch.autograd.grad(inner, dummy)
+    return out.detach(), jv
+
+
+def directional_curvature(
+    model: nn.Module,
+    layer: str,
+    directions: Sequence[Tensor],
+    batches: Iterable[tuple[Tensor, Tensor]],
+) -> Tensor:
+    """``v^T F v`` of the true Fisher (= GGN) for each ``m × n`` direction of ``layer`` (float64).
+
+    Under ``torchrun`` each process takes every ``world_size``-th batch and the sums are all-reduced
+    (:mod:`curvlab.distributed`); every process returns the mean over all the data.
+    """
+    module = model.get_submodule(layer)
+    device = next(model.parameters()).device
+    names = _parameter_names(model, layer, module)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    primals = tuple(params[full] for full in names.values())
+    tangents = [
+        tuple(split_weight_matrix(module, d.to(device=device, dtype=primals[0].dtype))[k] for k in names)
+        for d in directions
+    ]
+    totals = torch.zeros(len(directions), dtype=torch.float64, device=device)
+    count = 0
+    forward_mode = True
+    # Fused attention kernels have neither forward-mode nor double-backward derivatives; the math
+    # kernel is made of ordinary differentiable operations.
+    with sdpa_kernel(SDPBackend.MATH):
+        for _, (inputs, _) in distributed.my_batches(batches):
+            logits_of = logits_of_factory(model, params, names, inputs.to(device))
+            forward_mode = _accumulate_batch(logits_of, primals, tangents, totals, forward_mode)
+            count += inputs.shape[0]
+    counts = torch.tensor([count], dtype=torch.int64, device=device)
+    distributed.all_reduce_sum([totals, counts], f"adding up the curvature of layer {layer}")
+    return totals / int(counts.item())
+
+
+def _parameter_names(model: nn.Module, layer: str, module: nn.Module) -> dict[str, str]:
+    """``weight`` (and ``bias``) of the layer -> the name ``named_parameters`` lists it under.
+
+    A tied weight is listed once, under its first module (``embedding.weight`` for the pre-softmax
+    Linear of a tied language model); ``functional_call`` ties it again (``tie_weights=True``), so
+    the tangent perturbs the one shared Parameter in both of its uses.
+    """
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    return {
+        key: name_of.get(id(getattr(module, key)), f"{layer}.{key}")
+        for key in ("weight", "bias")
+        if getattr(module, key, None) is not None
+    }
+
+
+def logits_of_factory(model: nn.Module, params: dict, names: dict, inputs: Tensor) -> Callable[..., Tensor]:
+    """``layer params -> logits`` on ``inputs`` with every other parameter fixed."""
+
+    def logits_of(*layer_params: Tensor) -> Tensor:
+        replaced = dict(params, **dict(zip(names.values(), layer_params, strict=True)))
+        return functional_call(model, replaced, (inputs,))
+
+    return logits_of
+
+
+def _accumulate_batch(logits_of, primals, tangents, totals: Tensor, forward_mode: bool) -> bool:
+    """Add ``Σ_n u_n^T H_n u_n`` of one batch for every direction; returns whether jvp still works."""
+    for k, tangent in enumerate(tangents):
+        if forward_mode:
+            try:
+                logits, u = jvp(logits_of, primals, tangent)
+            except (RuntimeError, NotImplementedError):
+                forward_mode = False  # an operation without a forward-mode derivative
+        if not forward_mode:
+            logits, u = _jvp_reverse(logits_of, primals, tangent)
+        totals[k] += quadratic_form_at_logits(logits.double(), u.double()).sum()
+    return forward_mode

@@ -1,0 +1,634 @@
+"""Per-example gradients in the Kronecker-factored eigenbasis: mean, variance and curvature (seed E.2).
+
+For a layer with K-FAC factors ``A = Q_A diag(λ_A) Q_A^T`` and ``S = Q_S diag(λ_S) Q_S^T``, direction
+``(i, j)`` is the weight perturbation ``Q_S[:, i] Q_A[:, j]^T`` with K-FAC eigenvalue ``λ_S[i] λ_A[j]``
+(design.md, "Kronecker-factored eigenbasis"). The per-example coefficient along it is
+
+    c_n(i, j) = (Q_S^T G_n Q_A)[i, j],      G_n = Σ_t g_nt a_nt^T,
+
+and, with the layer in normal form (:mod:`curvlab.capture.layers`), ``Q_S^T G_n Q_A = Ĝ_n^T Â_n`` with
+``Ĝ_n = g_n Q_S`` and ``Â_n = a_n Q_A`` (projections of the output gradients and inputs, ``[T, m]``
+and ``[T, n]``). Accumulated over examples, in float64:
+
+* ``Σ_n c_n`` and ``Σ_n c_n²`` with the true labels → mean, unbiased variance ``Var_n(v^T g_n)``
+  and second moment ``E[c²]`` (the EKFAC eigenvalue correction, George et al. 2018);
+* ``Σ_n Σ_u w_u c_{n,u}²`` with the logit-gradient vectors ``u`` of the ``exact`` or ``mc`` Fisher
+  (:mod:`curvlab.capture.loss`) → the curvature ``v^T F v`` of the true Fisher (= GGN) for every direction at
+  once, since ``v^T F v = (1/N) Σ_n Σ_u w_u (u^T J_n v)²`` and ``u^T J_n v = c_{n,u}``.
+
+Contraction order, per layer, from its shapes (``T`` locations, ``m`` outputs, ``n`` inputs with the
+bias, ``P`` backward passes per batch):
+
+* one location: ``c_n = ĝ_n â_n^T`` is an outer product, so ``Σ c = Ĝ^T Â`` and ``Σ c² = (Ĝ∘Ĝ)^T (Â∘Â)``
+  — no per-example matrix is ever formed (memory ``O(B (m + n) + m n)``);
+* several locations, "project first": ``Â`` once per batch (``T n²``), then per pass ``T m²`` to project
+  ``g`` and ``T m n`` per example for ``Ĝ_n^T Â_n``;
+* several locations, "gradient first": per pass ``T m n`` for ``G_n = g_n^T a_n`` and ``m n (m + n)`` to
+  rotate it, ``Q_S^T G_n Q_A``.
+The cheaper of the last two is chosen from the flop counts; either holds per-example ``m × n`` matrices
+only for a chunk of examples at a time (:data:`CHUNK_BYTES`), never for a whole batch.
+
+The tied embedding / pre-softmax weight ``E`` (seed eq. 16, a ``TiedEmbedding`` entry named after the
+Linear, ``W = E``, ``V × d``) has a gradient from both uses, ``G_n = Σ_t g_t [a_t, 1]^T + Σ_τ
+onehot(x_τ) [h_τ, 0]^T``; both modules are hooked and, project first, ``G_n Q_A`` is ``Σ_t g_t Â_t^T``
+plus the rows ``ĥ_τ = [h_τ, 0] Q_A`` added at the token ids
+(:class:`~curvlab.capture.layers.TiedEmbeddingAdapter`), summed before squaring. Its ``S`` is
+diagonal, so ``Q_S`` is a permutation and ``Q_S^T`` permutes the rows of each chunk's sums.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from curvlab import distributed
+from curvlab.analysis.curvature import directional_curvature
+from curvlab.capture import layers as layer_math
+from curvlab.capture.factors import FactorSource, select_layers
+from curvlab.capture.loss import logit_gradient_samples
+
+CHUNK_BYTES = 32 * 2**20
+CURVATURE_ROUTES = ("exact", "mc")
+
+
+@dataclass
+class LayerBasis:
+    """The Kronecker-factored eigenbasis of one layer: ``Q_S`` (m×m), ``Q_A`` (n×n), eigenvalues.
+
+    ``Q_A`` includes the bias row when the layer has a bias. Columns are eigenvectors, eigenvalues
+    ascending (the order of ``torch.linalg.eigh``).
+    """
+
+    Q_S: Tensor
+    Q_A: Tensor
+    eigenvalues_S: Tensor
+    eigenvalues_A: Tensor
+
+    @classmethod
+    def from_factors(cls, S: np.ndarray | Tensor, A: np.ndarray | Tensor) -> LayerBasis:
+        """Eigendecompose dense (2-D) or diagonal (1-D) factors in float64 (small layers, tests)."""
+        lam_s, q_s = _eigh(torch.as_tensor(S, dtype=torch.float64))
+        lam_a, q_a = _eigh(torch.as_tensor(A, dtype=torch.float64))
+        return cls(q_s, q_a, lam_s, lam_a)
+
+    def kfac_eigenvalues(self) -> Tensor:
+        """``λ_S[i] λ_A[j]`` as an ``m × n`` matrix."""
+        return torch.outer(self.eigenvalues_S, self.eigenvalues_A)
+
+
+def _eigh(x: Tensor) -> tuple[Tensor, Tensor]:
+    if x.ndim == 1:
+        order = torch.argsort(x)
+        return x[order], torch.eye(len(x), dtype=x.dtype)[:, order]
+    return torch.linalg.eigh((x + x.T) / 2)
+
+
+@dataclass
+class _LayerSums:
+    """Running float64 sums of one layer, all ``m × n``."""
+
+    sum_c: Tensor
+    sum_c2: Tensor
+    sum_curvature: Tensor
+    basis_A: Tensor | None = None
+    input_rows: tuple[Tensor, Tensor | None] | None = None  # Q_A rows for the prepared inputs' order
+    order_S: Tensor | None = None  # tied entry: Q_S = I[:, order_S] (its V-side factor is diagonal)
+    inputs: list[Tensor] = field(default_factory=list)
+    outputs: list[Tensor] = field(default_factory=list)
+    roles: list[str] = field(default_factory=list)  # which module of the entry each input came from
+
+
+@dataclass
+class DirectionStatistics:
+    """Per-direction results of one layer (all ``m × n`` float64 numpy arrays)."""
+
+    kfac_eigenvalue: np.ndarray
+    mean: np.ndarray
+    variance: np.ndarray
+    second_moment: np.ndarray
+    curvature: np.ndarray | None
+    num_examples: int
+    order: str
+
+
+def contraction_order(locations: int, m: int, n: int, passes: int) -> str:
+    """``"outer"`` (one location), ``"project_first"`` or ``"gradient_first"``: the fewer flops."""
+    if locations == 1:
+        return "outer"
+    project_first = locations * n * n + passes * (locations * m * m + locations * m * n)
+    gradient_first = passes * (locations * m * n + m * n * (m + n))
+    return "project_first" if project_first <= gradient_first else "gradient_first"
+
+
+class KFEProjector:
+    """Hooks that accumulate KFE coefficient statistics of every layer in ``bases``.
+
+    Use as a context manager; call :meth:`add_batch` per batch, then :meth:`statistics`.
+    ``curvature`` is ``None`` (gradients only), ``"exact"`` (one extra backward pass per class) or
+    ``"mc"`` (``mc_samples`` sampled labels).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        bases: Mapping[str, LayerBasis],
+        *,
+        curvature: str | None = "exact",
+        mc_samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if curvature is not None and curvature not in CURVATURE_ROUTES:
+            raise ValueError(f"curvature route must be one of {CURVATURE_ROUTES}, got {curvature!r}")
+        sources = _sources(model, list(bases))
+        self.model = model
+        self.curvature = curvature
+        self.mc_samples = mc_samples
+        self.generator = generator
+        self.num_examples = 0
+        self.orders: dict[str, str] = {}
+        self.layers: dict[str, tuple[FactorSource, Any, LayerBasis, _LayerSums]] = {}
+        for name, basis in bases.items():
+            module, adapter = sources[name]
+            # projections run in the model's precision; the sums are accumulated in float64
+            weight = adapter.parameters(module)[0]
+            device = weight.device
+            basis = LayerBasis(*(t.to(device=device, dtype=weight.dtype) for t in vars(basis).values()))
+            shape = (basis.Q_S.shape[0], basis.Q_A.shape[0])
+            zeros = [torch.zeros(shape, dtype=torch.float64, device=device) for _ in range(3)]
+            sums = _LayerSums(*zeros, basis_A=basis.Q_A)
+            if isinstance(module, layer_math.TiedPair):
+                sums.order_S = _permutation(basis.Q_S, name)
+            self.layers[name] = (module, adapter, basis, sums)
+        self._handles: list[Any] = []
+        self._recording = False
+
+    def __enter__(self) -> KFEProjector:
+        for module, adapter, _, sums in self.layers.values():
+            for target, role in _targets(module, adapter):
+                self._handles.append(target.register_forward_hook(self._hook(sums, role)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, sums: _LayerSums, role: str):
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            if not self._recording:
+                return
+            sums.inputs.append(inputs[0].detach())  # raw; prepared per contraction order below
+            sums.outputs.append(output)
+            sums.roles.append(role)
+
+        return hook
+
+    def add_batch(self, inputs: Tensor, labels: Tensor) -> None:
+        """Forward one batch; accumulate gradient statistics and (if asked) curvature."""
+        self._recording = True
+        try:
+            logits = self.model(inputs)
+        finally:
+            self._recording = False
+        try:
+            passes = [(u, w, False) for u, w in logit_gradient_samples(logits, labels, "empirical")]
+            if self.curvature is not None:
+                passes += [
+                    (u, w, True)
+                    for u, w in logit_gradient_samples(
+                        logits, None, self.curvature, mc_samples=self.mc_samples, generator=self.generator
+                    )
+                ]
+            self._prepare_inputs(len(passes))
+            outputs = [out for *_, sums in self.layers.values() for out in sums.outputs]
+            for k, (u, weight, is_curvature) in enumerate(passes):
+                grads = torch.autograd.grad(logits, outputs, grad_outputs=u, retain_graph=k + 1 < len(passes))
+                self._accumulate(grads, weight, is_curvature)
+        finally:
+            for *_, sums in self.layers.values():
+                sums.inputs.clear()
+                sums.outputs.clear()
+                sums.roles.clear()
+        self.num_examples += inputs.shape[0]
+
+    def _prepare_inputs(self, passes: int) -> None:
+        """Project the inputs once per batch where the contraction order wants ``Â = a Q_A``."""
+        for name, (module, adapter, basis, sums) in self.layers.items():
+            if isinstance(module, layer_math.TiedPair):
+                self.orders[name] = "project_first"
+                _prepare_tied_inputs(module, adapter, sums)
+                continue
+            locations = adapter.output_grads(module, sums.outputs[0].detach()).shape[1]
+            order = contraction_order(locations, basis.Q_S.shape[0], basis.Q_A.shape[0], passes)
+            self.orders[name] = order
+            has_bias = adapter.has_bias(module)
+            if order == "gradient_first":
+                # raw inputs stay; per-example gradients come in the weight's order
+                sums.input_rows = _input_rows(sums.basis_A, None, has_bias)
+                continue
+            prepared = []
+            for x in sums.inputs:
+                a, feature_order = adapter.inputs_any_order(module, x)
+                sums.input_rows = _input_rows(sums.basis_A, feature_order, has_bias)
+                prepared.append(_project_inputs(a, sums.input_rows))
+            sums.inputs[:] = prepared
+
+    def _accumulate(self, grads: Sequence[Tensor], weight: float, is_curvature: bool) -> None:
+        position = 0
+        for name, (module, adapter, basis, sums) in self.layers.items():
+            layer = _Layer(module, adapter, basis, sums.input_rows)
+            layer_grads = grads[position : position + len(sums.outputs)]
+            position += len(sums.outputs)
+            if isinstance(module, layer_math.TiedPair):
+                chunks = _tied_coefficients(sums, layer_grads, layer)
+            else:
+                chunks = (
+                    chunk
+                    for a, grad_output in zip(sums.inputs, layer_grads, strict=True)
+                    for chunk in _coefficients(a, grad_output, layer, self.orders[name])
+                )
+            for c, c2 in chunks:
+                if is_curvature:
+                    sums.sum_curvature.add_(c2, alpha=weight)
+                else:
+                    sums.sum_c.add_(c)
+                    sums.sum_c2.add_(c2)
+
+    def reduce(self) -> None:
+        """Add up the sums ``Σ c``, ``Σ c²``, the curvature sums and the example count of all processes
+        (one collective; a no-op in a single process)."""
+        sums = [t for *_, s in self.layers.values() for t in (s.sum_c, s.sum_c2, s.sum_curvature)]
+        count = torch.tensor([self.num_examples], dtype=torch.int64, device=sums[0].device if sums else "cpu")
+        distributed.all_reduce_sum([*sums, count], "adding up the gradient statistics")
+        self.num_examples = int(count.item())
+
+    def statistics(self) -> dict[str, DirectionStatistics]:
+        """Mean, unbiased variance, second moment and curvature of every direction of every layer."""
+        n = self.num_examples
+        if n < 2:
+            raise ValueError("the gradient variance needs at least two examples")
+        result = {}
+        for name, (_, _, basis, sums) in self.layers.items():
+            mean = sums.sum_c / n
+            variance = (sums.sum_c2 - n * mean * mean) / (n - 1)
+            result[name] = DirectionStatistics(
+                kfac_eigenvalue=basis.kfac_eigenvalues().double().cpu().numpy(),
+                mean=mean.cpu().numpy(),
+                variance=variance.clamp_min(0).cpu().numpy(),
+                second_moment=(sums.sum_c2 / n).cpu().numpy(),
+                curvature=None if self.curvature is None else (sums.sum_curvature / n).cpu().numpy(),
+                num_examples=n,
+                order=self.orders.get(name, ""),
+            )
+        return result
+
+
+def _input_rows(Q_A: Tensor, order: Tensor | None, has_bias: bool) -> tuple[Tensor, Tensor | None]:
+    """``Q_A`` split for inputs in the adapter's feature order: ``(rows, bias_row)`` such that
+    ``[a_w, 1] Q_A = a_u rows + bias_row`` when ``a_w = a_u[..., order]`` (weight order)."""
+    n = Q_A.shape[0] - int(has_bias)
+    rows = Q_A[:n]
+    if order is not None:
+        rows = torch.empty_like(rows).index_copy_(0, order, rows)
+    return rows, (Q_A[n] if has_bias else None)
+
+
+def _project_inputs(a: Tensor, input_rows: tuple[Tensor, Tensor | None]) -> Tensor:
+    """``Â = [a, 1] Q_A`` without building the bias-augmented or weight-ordered copy of ``a``."""
+    rows, bias_row = input_rows
+    projected = a @ rows
+    return projected if bias_row is None else projected.add_(bias_row)
+
+
+@dataclass
+class _Layer:
+    """What the coefficient kernels need of one layer."""
+
+    module: FactorSource
+    adapter: layer_math.LayerAdapter
+    basis: LayerBasis
+    input_rows: tuple[Tensor, Tensor | None]
+
+
+def _coefficients(
+    a: Tensor, grad_output: Tensor, layer: _Layer, order: str
+) -> Iterable[tuple[Tensor, Tensor]]:
+    """Yield ``(Σ_n c_n, Σ_n c_n²)`` over chunks of the batch.
+
+    ``a`` is the projected input ``Â`` (outer, project-first) or the layer's raw input (gradient-first).
+    """
+    basis = layer.basis
+    g = layer.adapter.output_grads(layer.module, grad_output)
+    if order == "outer":
+        g_hat = g[:, 0] @ basis.Q_S
+        a_hat = a[:, 0]
+        yield (g_hat.T @ a_hat).double(), ((g_hat * g_hat).T @ (a_hat * a_hat)).double()
+        return
+    m, n = basis.Q_S.shape[0], basis.Q_A.shape[0]
+    chunk = max(1, CHUNK_BYTES // (8 * m * n))  # the float64 copy of a chunk of coefficients
+    rows, bias_row = layer.input_rows
+    for start in range(0, a.shape[0], chunk):
+        a_chunk, g_chunk = a[start : start + chunk], g[start : start + chunk]
+        if order == "project_first":
+            c = torch.bmm((g_chunk @ basis.Q_S).transpose(1, 2), a_chunk)
+        else:
+            # G_n = g_n^T [a_n, 1] from the adapter's per-example gradient; its bias column is Σ_t g_nt
+            gradients = layer.adapter.per_example_gradients(
+                layer.module, a_chunk, grad_output[start : start + chunk]
+            )
+            rotated = gradients @ rows
+            if bias_row is not None:
+                rotated += g_chunk.sum(dim=1).unsqueeze(-1) * bias_row
+            c = basis.Q_S.T @ rotated
+        c = c.double()
+        yield c.sum(dim=0), (c * c).sum(dim=0)
+
+
+def _sources(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[FactorSource, Any]]:
+    """The module (or :class:`~curvlab.capture.layers.TiedPair`) and adapter of each named layer, named
+    as factor capture names them (:func:`curvlab.capture.factors.select_layers`: a tied embedding after
+    its Linear)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # factor capture has warned about the layers it leaves out
+        selected = select_layers(model)
+    modules = dict(model.named_modules())
+    for name in names:
+        if name not in modules:
+            raise ValueError(f"layer {name} of the eigenbasis is not a module of the model")
+        if name not in selected:
+            kind = type(modules[name]).__name__
+            raise ValueError(f"layer {name}: {kind} is not a layer with K-FAC factors")
+    return {name: selected[name] for name in names}
+
+
+def _targets(source: FactorSource, adapter: Any) -> list[tuple[nn.Module, str]]:
+    """The modules to hook, each with its role: the layer, or both uses of a tied weight."""
+    if isinstance(source, layer_math.TiedPair):
+        return adapter.targets(source)
+    return [(source, "layer")]
+
+
+def _permutation(Q_S: Tensor, name: str) -> Tensor:
+    """``order`` with ``Q_S = I[:, order]``, the eigenbasis of a diagonal factor (see :func:`_eigh`)."""
+    order = Q_S.argmax(dim=0)
+    size = len(order)
+    ones = bool((Q_S[order, torch.arange(size, device=Q_S.device)] == 1).all())
+    if not (ones and int(torch.count_nonzero(Q_S)) == size and order.unique().numel() == size):
+        raise ValueError(f"layer {name}: the tied entry's S must be diagonal (its eigenbasis a permutation)")
+    return order
+
+
+def _prepare_tied_inputs(pair: layer_math.TiedPair, adapter: Any, sums: _LayerSums) -> None:
+    """The Linear's inputs projected once per batch, ``Â = [a, 1] Q_A``; the token ids as ``[B, T]``."""
+    sums.input_rows = _input_rows(sums.basis_A, None, adapter.has_bias(pair))
+    sums.inputs[:] = [
+        _project_inputs(adapter.inputs(pair, role, x), sums.input_rows)
+        if role == "linear"
+        else adapter.inputs(pair, role, x)
+        for role, x in zip(sums.roles, sums.inputs, strict=True)
+    ]
+
+
+def _tied_coefficients(
+    sums: _LayerSums, grads: Sequence[Tensor], layer: _Layer
+) -> Iterable[tuple[Tensor, Tensor]]:
+    """Yield ``(Σ_n c_n, Σ_n c_n²)`` of the tied embedding / pre-softmax weight over chunks of the batch.
+
+    ``c_n = Q_S^T G_n Q_A`` with ``G_n Q_A = Σ_t g_t Â_t^T + Σ_τ onehot(x_τ) ĥ_τ^T`` (``Â = [a, 1] Q_A``
+    prepared, ``ĥ = [h, 0] Q_A`` projected here) from the adapter, both uses summed before squaring.
+    ``S`` is diagonal, so ``Q_S = I[:, order]`` and ``Q_S^T M = M[order]``: the rows of the chunk sums
+    are permuted, not the per-example matrices.
+    """
+    pair, adapter = layer.module, layer.adapter
+    rows, _ = layer.input_rows
+    linear, embedding = [], []
+    for role, x, grad_output in zip(sums.roles, sums.inputs, grads, strict=True):
+        grad = adapter.output_grads(pair, role, grad_output)
+        if role == "linear":
+            linear.append((x, grad))
+        else:
+            embedding.append((x, grad @ rows))
+    m, n = layer.basis.Q_S.shape[0], layer.basis.Q_A.shape[0]
+    chunk = max(1, CHUNK_BYTES // (8 * m * n))  # the float64 copy of a chunk of coefficients
+    for start in range(0, sums.inputs[0].shape[0], chunk):
+        part = slice(start, start + chunk)
+        rotated = adapter.per_example_gradients(
+            pair, [(a[part], g[part]) for a, g in linear], [(ids[part], h[part]) for ids, h in embedding]
+        ).double()
+        yield rotated.sum(dim=0)[sums.order_S], (rotated * rotated).sum(dim=0)[sums.order_S]
+
+
+def project_gradients(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    bases: Mapping[str, LayerBasis],
+    *,
+    curvature: str | None = "exact",
+    mc_samples: int = 1,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, DirectionStatistics]:
+    """KFE statistics of every layer in ``bases`` over ``batches`` (see the module docstring).
+
+    Monte-Carlo labels of batch ``k`` are drawn with the seed ``(seed, k)``; under ``torchrun`` each
+    process takes every ``world_size``-th batch and the sums are all-reduced once at the end
+    (:mod:`curvlab.distributed`), so every process returns the statistics of all the data.
+    """
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device)
+    projector = KFEProjector(model, bases, curvature=curvature, mc_samples=mc_samples, generator=generator)
+    ctx = distributed.context()
+    if progress and ctx.is_main:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc="gradcov", unit="batch", leave=False)
+    with projector:
+        for k, (inputs, labels) in distributed.my_batches(batches, ctx):
+            generator.manual_seed(distributed.batch_seed(seed, k))
+            projector.add_batch(inputs.to(device), labels.to(device))
+    projector.reduce()
+    return projector.statistics()
+
+
+def select_directions(kfac_eigenvalues: np.ndarray, count: int) -> list[tuple[int, int]]:
+    """``count`` directions ``(i, j)`` spread over the K-FAC eigenvalue range of one layer.
+
+    The largest and the smallest eigenvalue and evenly spaced order statistics between them (in rank,
+    which is evenly spaced in quantile), without repeats.
+    """
+    flat = kfac_eigenvalues.ravel()
+    count = min(count, flat.size)
+    order = np.argsort(flat, kind="stable")
+    picks = np.unique(np.round(np.linspace(0, flat.size - 1, count)).astype(int))
+    return [tuple(int(v) for v in np.unravel_index(order[p], kfac_eigenvalues.shape)) for p in picks]
+
+
+# ------------------------------------------------------------------------------------ a whole run
+
+
+@dataclass
+class GradcovResult:
+    """Statistics of every layer, and the jvp cross-check on selected directions."""
+
+    layers: dict[str, DirectionStatistics]
+    selected: dict[str, list[tuple[int, int]]]
+    fvp_curvature: dict[str, np.ndarray]
+    route: str
+
+
+def bases_from_checkpoint(path: str, step: int, layers: Sequence[str] | None = None) -> dict[str, LayerBasis]:
+    """The KFE of every layer (or of the named ones) of a checkpoint step, read layer by layer."""
+    from curvlab.io.checkpoint import CheckpointReader
+
+    with CheckpointReader(path) as reader:
+        names = reader.layer_names(step) if layers is None else list(layers)
+        bases = {}
+        for name in names:
+            factors = reader.read_factors(step, name)
+            bases[name] = LayerBasis.from_factors(factors.S, factors.A)
+        return bases
+
+
+def run_gradcov(
+    model: nn.Module,
+    batches: Sequence[tuple[Tensor, Tensor]],
+    bases: Mapping[str, LayerBasis],
+    *,
+    route: str,
+    directions: int = 4,
+    mc_samples: int = 1,
+    seed: int = 0,
+    progress: bool = False,
+) -> GradcovResult:
+    """All-direction statistics (curvature by ``route``: exact, mc or fvp-only) plus jvp curvature
+    on ``directions`` directions per layer spread over the K-FAC eigenvalue range."""
+    all_route = None if route == "fvp" else route
+    stats = project_gradients(
+        model, batches, bases, curvature=all_route, mc_samples=mc_samples, seed=seed, progress=progress
+    )
+    selected, fvp = {}, {}
+    for name, layer_stats in stats.items():
+        picks = select_directions(layer_stats.kfac_eigenvalue, directions) if directions else []
+        basis = bases[name]
+        vectors = [torch.outer(basis.Q_S[:, i], basis.Q_A[:, j]) for i, j in picks]
+        selected[name] = picks
+        fvp[name] = (
+            directional_curvature(model, name, vectors, batches).cpu().numpy() if picks else np.zeros(0)
+        )
+    return GradcovResult(stats, selected, fvp, route)
+
+
+NULL_FLOOR = 1e-12
+
+
+def numerical_floor(curvatures: Sequence[np.ndarray]) -> float:
+    """Values below ``NULL_FLOOR`` × the largest curvature are the numerical null space.
+
+    With more directions than examples most KFE directions carry no gradient at all; both their
+    variance and their curvature then come out as float64 rounding noise (1e-30 and below), which
+    says nothing about ``H ≈ C`` and would dominate a log-log plot. They are counted and left out.
+    """
+    largest = max((float(np.abs(c).max(initial=0)) for c in curvatures), default=0.0)
+    return NULL_FLOOR * largest
+
+
+def _log_ratio_stats(variance: np.ndarray, curvature: np.ndarray, floor: float) -> dict[str, Any]:
+    """Spearman rank correlation and median |log10(variance / curvature)| over the directions where
+    both exceed the numerical floor (the others are counted in ``num_excluded_null``)."""
+    from scipy.stats import spearmanr
+
+    v, c = variance.ravel(), curvature.ravel()
+    keep = (v > floor) & (c > floor)
+    out: dict[str, Any] = {"num_directions": int(v.size), "num_excluded_null": int((~keep).sum())}
+    if keep.sum() >= 2:
+        out["spearman"] = float(spearmanr(v[keep], c[keep]).statistic)
+        out["median_abs_log10_ratio"] = float(np.median(np.abs(np.log10(v[keep] / c[keep]))))
+    else:
+        out["spearman"] = None
+        out["median_abs_log10_ratio"] = None
+    return out
+
+
+def summarize(result: GradcovResult) -> dict[str, Any]:
+    """The JSON summary of ``curvlab gradcov``: agreement of gradient variance and curvature."""
+    compared = {name: _compared(result, name, stats) for name, stats in result.layers.items()}
+    floor = numerical_floor([c for _, c in compared.values()])
+    per_layer = [
+        {"name": name, "order": result.layers[name].order, **_log_ratio_stats(v, c, floor)}
+        for name, (v, c) in compared.items()
+    ]
+    all_v = np.concatenate([v for v, _ in compared.values()])
+    all_c = np.concatenate([c for _, c in compared.values()])
+    summary: dict[str, Any] = {
+        "curvature_route": result.route,
+        "num_examples": next(iter(result.layers.values())).num_examples if result.layers else 0,
+        "null_floor": floor,
+        **_log_ratio_stats(all_v, all_c, floor),
+        "layers": per_layer,
+    }
+    if result.route != "fvp":
+        errors = [
+            _relative_errors(result.fvp_curvature[name], np.array([s.curvature[i, j] for i, j in picks]))
+            for name, s in result.layers.items()
+            if (picks := result.selected[name])
+        ]
+        summary["fvp_vs_" + result.route + "_max_rel_err"] = (
+            float(max(e.max() for e in errors)) if errors else None
+        )
+    return summary
+
+
+def _relative_errors(fvp: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    """``|fvp − exact| / max(|fvp|, |exact|, 1e-8 · largest)``: relative, except that directions whose
+    curvature is below 1e-8 of the layer's largest compared one are measured against that floor.
+
+    Why 1e-8: two float64 routes to ``v^T F v`` agree to about ``eps · ‖F‖ ≈ 1e-16 ·`` largest in
+    absolute terms, whatever the direction; relative to a direction's own tiny value that is not
+    small (measured: 1e-17 apart on a direction at 1e-14 of the largest, a "relative error" of 1e-3).
+    With the floor at 1e-8 · largest, a reported error below 1e-8 means "relative 1e-8, or absolute
+    1e-16 of the largest", float64's resolution; a real discrepancy on a small direction still shows
+    (100 % off at 1e-9 of the largest reads 0.1)."""
+    scale = max(float(np.abs(fvp).max(initial=0)), float(np.abs(exact).max(initial=0)))
+    floor = max(1e-8 * scale, np.finfo(float).tiny)
+    return np.abs(fvp - exact) / np.maximum(np.maximum(np.abs(fvp), np.abs(exact)), floor)
+
+
+def _compared(result: GradcovResult, name: str, stats: DirectionStatistics) -> tuple[np.ndarray, np.ndarray]:
+    """(variance, curvature) over the directions that have a curvature: all, or the jvp-selected."""
+    if stats.curvature is not None:
+        return stats.variance.ravel(), stats.curvature.ravel()
+    picks = result.selected[name]
+    return np.array([stats.variance[i, j] for i, j in picks]), result.fvp_curvature[name]
+
+
+def write_result(path: str, result: GradcovResult, attrs: Mapping[str, Any]) -> None:
+    """Write the per-direction results atomically (layout in docs/gradcov.md)."""
+    import h5py
+
+    from curvlab.io.atomic import atomic_output
+
+    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["format"] = "curvlab.gradcov"
+        f.attrs["format_version"] = 1
+        f.attrs["curvature_route"] = result.route
+        for key, value in attrs.items():
+            f.attrs[key] = value
+        group = f.create_group("layers", track_order=True)
+        for name, stats in result.layers.items():
+            g = group.create_group(name)
+            g.attrs["contraction_order"] = stats.order
+            g.attrs["num_examples"] = stats.num_examples
+            for key in ("kfac_eigenvalue", "mean", "variance", "second_moment", "curvature"):
+                value = getattr(stats, key)
+                if value is not None:
+                    g.create_dataset(key, data=value)
+            picks = np.array(result.selected[name], dtype=np.int64).reshape(-1, 2)
+            g.create_dataset("selected_i", data=picks[:, 0])
+            g.create_dataset("selected_j", data=picks[:, 1])
+            g.create_dataset("selected_fvp_curvature", data=result.fvp_curvature[name])

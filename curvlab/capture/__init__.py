@@ -1,0 +1,10 @@
+"""Capture: what a network's forward and backward passes give K-FAC (seed eqs. 13, 15, 16).
+
+* :mod:`curvlab.capture.layers` — one adapter per module type, turning a layer's inputs ``a`` and output
+  gradients ``g`` into the normal form ``[batch, locations, features]``; the layer math written once.
+* :mod:`curvlab.capture.loss` — the Fisher types (empirical, Monte-Carlo, exact): the logit-gradient
+  vectors whose outer products are the loss Hessian's square root.
+* :mod:`curvlab.capture.factors` — hooks and accumulation: ``A = E[a a^T]``, ``S = E[g g^T]`` per layer.
+
+Imports go down only: capture uses :mod:`curvlab.io` to write checkpoints, never the analyses.
+"""

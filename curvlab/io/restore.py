@@ -1,0 +1,78 @@
+"""Rebuild a model from a checkpoint: its ``/model`` config and the weights of one step.
+
+Weights are read from HDF5 (never unpickled); a checkpoint without weights, without a model config,
+or whose weights do not fit the rebuilt model gives a one-line :class:`CheckpointError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from curvlab.errors import CheckpointError
+from curvlab.io.checkpoint import CheckpointReader
+from curvlab.models import build_from_config
+
+
+@dataclass
+class StepWeights:
+    """What a checkpoint step says about its model: name, config, step number and weights."""
+
+    path: str
+    model_name: str | None
+    config: dict[str, Any] | None
+    step: int
+    weights: dict[str, np.ndarray]
+
+
+def read_step_weights(path: str, step: int | None = None) -> StepWeights:
+    """The weights of ``step`` (default: the latest complete step) and the model's name and config."""
+    with CheckpointReader(path) as reader:
+        steps = reader.step_numbers()
+        if not steps:
+            raise CheckpointError(f"{path}: no complete step to take weights from")
+        chosen = steps[-1] if step is None else step
+        if chosen not in steps:
+            raise CheckpointError(f"{path}: step {chosen}: no such complete step (has {steps})")
+        weights = reader.read_weights(chosen)
+        if not weights:
+            raise CheckpointError(f"{path}: step {chosen}: holds no model weights")
+        return StepWeights(path, reader.model_name, reader.model_config, chosen, weights)
+
+
+def load_weights(model: nn.Module, source: StepWeights) -> None:
+    """Load numpy weights into ``model``, naming the first parameter that does not fit."""
+    state = model.state_dict()
+    missing = sorted(set(state) - set(source.weights))
+    unexpected = sorted(set(source.weights) - set(state))
+    where = f"{source.path}: step {source.step}"
+    if missing or unexpected:
+        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise CheckpointError(
+            f"{where}: weights do not fit the model ({what}); pass the --model and --model-arg the "
+            "checkpoint was written with"
+        )
+    for key, value in source.weights.items():
+        if tuple(value.shape) != tuple(state[key].shape):
+            raise CheckpointError(
+                f"{where}: weights {key}: shape {tuple(value.shape)} does not fit the model's "
+                f"{tuple(state[key].shape)}"
+            )
+    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in source.weights.items()})
+
+
+def rebuild_model(path: str, step: int | None = None) -> tuple[nn.Module, StepWeights]:
+    """The model a checkpoint was written with, holding the weights of ``step``, in eval mode."""
+    source = read_step_weights(path, step)
+    if not source.config:
+        raise CheckpointError(f"{path}: has no /model config: cannot rebuild its model")
+    try:
+        model = build_from_config(source.config)
+    except Exception as exc:  # a config from another version or hand-written: say which file
+        raise CheckpointError(f"{path}: cannot rebuild its model from /model config: {exc}") from None
+    load_weights(model, source)
+    return model.eval(), source
