@@ -15,10 +15,10 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "collect_factors": "curvlab.factors",
-    "save_factors": "curvlab.factors",
-    "FactorSet": "curvlab.factors",
-    "load": "curvlab.checkpoint",
+    "collect_factors": "curvlab.capture.factors",
+    "save_factors": "curvlab.capture.factors",
+    "FactorSet": "curvlab.capture.factors",
+    "load": "curvlab.io.checkpoint",
 }
 
 __all__ = [*_LAZY, "__version__"]

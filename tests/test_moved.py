@@ -56,3 +56,12 @@ def test_forwarding_module_looks_in_each_target():
     assert module.sqrt is importlib.import_module("math").sqrt
     with pytest.raises(AttributeError, match="has no attribute 'nosuch'"):
         module.nosuch  # noqa: B018
+
+
+def test_public_names_come_from_the_new_paths():
+    import curvlab
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        for name in curvlab.__all__:
+            getattr(curvlab, name)
