@@ -33,6 +33,7 @@ from curvlab.analysis.spectrum import (
     negative_tolerance,
     solver_resolution,
 )
+from curvlab.analysis.spectrum.engine import _attempts, _clip
 from curvlab.commands import main
 from curvlab.errors import CheckpointError, OptionError
 from curvlab.io.checkpoint import CheckpointReader, IncompleteStepWarning
@@ -244,7 +245,7 @@ def test_tiny_negatives_clipped_and_unresolved_zeroed():
     # The rule itself, on chosen values: -1e-9 is a round-off negative (tol = 9.5e-7), 1e-16 is
     # below the resolution (1.8e-15), 1e-14 is kept.
     vals = np.array([-1e-9, 1e-16, 1e-14, 0.01, 0.1, 0.5, 0.7, 1.0])
-    c = sp._clip(vals, "dense", "float64", path=None, step=None, layer=None, which="A")
+    c = _clip(vals, "dense", "float64", path=None, step=None, layer=None, which="A")
     assert (c.num_clipped, c.num_unresolved) == (1, 1)
     np.testing.assert_array_equal(c.vals, [0, 0, 1e-14, 0.01, 0.1, 0.5, 0.7, 1.0])
     # Through the solver: a factor with eigenvalue -1e-9 (the construction adds ~1e-16 of rounding).
@@ -304,10 +305,10 @@ def test_every_attempt_failing_names_the_factor(monkeypatch):
 
 
 def test_escalation_plan_goes_to_float64_then_cpu():
-    plan = sp._attempts("float32", torch.device("cuda"))
+    plan = _attempts("float32", torch.device("cuda"))
     want = [("float32", "cuda"), ("float64", "cuda"), ("float64", "cpu")]
     assert [(d, dev.type) for d, dev in plan] == want
-    assert [(d, dev.type) for d, dev in sp._attempts("float64", torch.device("cpu"))] == [("float64", "cpu")]
+    assert [(d, dev.type) for d, dev in _attempts("float64", torch.device("cpu"))] == [("float64", "cpu")]
 
 
 def test_non_finite_output_is_retried(monkeypatch):

@@ -26,13 +26,13 @@ from torchrun_util import free_port, h5_differences, start_rank, torchrun
 
 from curvlab.analysis.spectrum import (
     DEFAULT_BATCH_BYTES,
-    _lightest_share_first,
     assign_batches,
     assign_factors,
     decompose_factors,
     factor_cost,
     plan_batches,
 )
+from curvlab.analysis.spectrum.sharing import _lightest_share_first
 from curvlab.commands import main
 
 # ------------------------------------------------------------------------------- sharing out the work
