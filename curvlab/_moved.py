@@ -20,7 +20,12 @@ OLD_PATHS: dict[str, tuple[str, ...]] = {
     "curvlab.layers": ("curvlab.capture.layers",),
     "curvlab.loss": ("curvlab.capture.loss",),
     "curvlab.factors": ("curvlab.capture.factors",),
-    "curvlab.checkpoint": ("curvlab.io.checkpoint",),
+    "curvlab.checkpoint": (
+        "curvlab.io.checkpoint",
+        "curvlab.io.checkpoint.format",
+        "curvlab.io.checkpoint.reader",
+        "curvlab.io.checkpoint.writer",
+    ),
     "curvlab.atomic": ("curvlab.io.atomic",),
     "curvlab.data": ("curvlab.io.data",),
     "curvlab.restore": ("curvlab.io.restore",),
