@@ -945,7 +945,8 @@ def install(mode, ck):
             return out
         h5py.Group.create_dataset = create_dataset
     elif mode == "before_complete":
-        ck._mark_complete = die
+        from curvlab.io.checkpoint import writer
+        writer._mark_complete = die
     elif mode == "before_fsync":
         os.fsync = die
     elif mode == "before_replace":

@@ -19,8 +19,6 @@ from scipy import special, stats
 from curvlab.analysis.powerlaw import (
     THIN_GRID_RATIO,
     FitError,
-    _digamma_diff,
-    _trigamma_diff,
     default_floor,
     fit_rank_law,
     fit_spectrum,
@@ -29,6 +27,7 @@ from curvlab.analysis.powerlaw import (
     rank_grid,
     window_candidates,
 )
+from curvlab.analysis.powerlaw.estimator import _digamma_diff, _trigamma_diff
 from curvlab.analysis.spectrum import KroneckerSpectrum
 from curvlab.errors import CurvlabError, OptionError
 

@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from curvlab.commands import main
-from curvlab.io import checkpoint
-from curvlab.io.checkpoint import CheckpointReader, load
+from curvlab.io.checkpoint import CheckpointReader, load, writer
 from curvlab.optim.train import BatchOrder, TrainConfig, learning_rate, read_config, save_steps, train
 
 
@@ -109,14 +108,14 @@ def test_checkpoint_config_and_metrics_are_readable(tmp_path, capsys):
 
 def _interrupt_at(monkeypatch, step: int):
     """Make the append of checkpoint step ``step`` die before it is marked complete."""
-    real = checkpoint._mark_complete
+    real = writer._mark_complete
 
     def dying(group):
         if int(group.attrs["step"]) == step:
             raise KeyboardInterrupt("killed while saving")
         real(group)
 
-    monkeypatch.setattr(checkpoint, "_mark_complete", dying)
+    monkeypatch.setattr(writer, "_mark_complete", dying)
 
 
 @pytest.mark.parametrize("optimizer", ["kfac", "adam"])
@@ -146,13 +145,13 @@ def test_resume_after_a_crash_mid_save_equals_the_uninterrupted_run(tmp_path, mo
 
 DRIVER = """
 import os, signal, sys
-from curvlab.io import checkpoint
-real_mark = checkpoint._mark_complete
+from curvlab.io.checkpoint import writer
+real_mark = writer._mark_complete
 def mark(group):
     if int(group.attrs["step"]) == int(sys.argv[1]):
         os.kill(os.getpid(), signal.SIGKILL)
     real_mark(group)
-checkpoint._mark_complete = mark
+writer._mark_complete = mark
 from curvlab.commands import main
 main(sys.argv[2:])
 """

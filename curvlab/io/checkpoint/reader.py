@@ -1,0 +1,480 @@
+"""Reading checkpoints: :class:`CheckpointReader` (lazy, one layer at a time) and :func:`load`.
+
+Files are opened read-only (``h5py.File(path, "r")``) and never modified; no pickle anywhere. The
+root attributes must name format v1 (:mod:`.format`); a step group whose ``complete`` attribute is
+missing or false (its writer died while writing it) is skipped with an
+:class:`IncompleteStepWarning`. Every factor read is validated against the rules of :mod:`.format`
+(:func:`~curvlab.io.checkpoint.format.validate_layer`'s checks), and the exceptions h5py raises on
+damaged files become one-line :class:`CheckpointError` messages that name file, step and layer.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import h5py
+import numpy as np
+
+from curvlab.errors import CheckpointError, where
+from curvlab.io.checkpoint.format import (
+    _STEP_NAME,
+    FORMAT,
+    FORMAT_VERSION,
+    RESERVED_STEP_ATTRS,
+    Checkpoint,
+    LayerFactors,
+    Step,
+    _check_dtype,
+    _check_shape,
+    _check_values,
+    _check_weight_shape,
+    _error,
+    _layer_meta_text,
+    _one_line,
+    expected_factor_sizes,
+)
+
+
+class IncompleteStepWarning(UserWarning):
+    """A step group whose ``complete`` attribute is missing or false: it is skipped on read."""
+
+
+@contextmanager
+def _h5_errors(path: object, step: object = None, layer: object = None) -> Iterator[None]:
+    """Turn the exceptions h5py raises on damaged files into one-line :class:`CheckpointError`."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
+        raise _error(f"cannot read HDF5 data ({_one_line(str(exc))})", path, step, layer) from exc
+
+
+def _scalar(value: object) -> object:
+    """An attribute as a Python scalar (size-1 arrays unwrapped, bytes decoded)."""
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(()).item()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    return value
+
+
+def _attr_int(attrs: h5py.AttributeManager, key: str) -> int:
+    if key not in attrs:
+        raise CheckpointError(f"missing attribute {key}")
+    value = _scalar(attrs[key])
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CheckpointError(f"attribute {key} is {value!r}, not an integer")
+    return value
+
+
+def _attr_str(attrs: h5py.AttributeManager, key: str) -> str:
+    if key not in attrs:
+        raise CheckpointError(f"missing attribute {key}")
+    value = _scalar(attrs[key])
+    if not isinstance(value, str):
+        raise CheckpointError(f"attribute {key} is {value!r}, not a string")
+    return value
+
+
+def _attr_bool(attrs: h5py.AttributeManager, key: str) -> bool:
+    """A bool attribute: h5py's bool enum, or an integer 0/1 from writers without one."""
+    if key not in attrs:
+        raise CheckpointError(f"missing attribute {key}")
+    value = _scalar(attrs[key])
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise CheckpointError(f"attribute {key} is {value!r}, not a bool")
+
+
+def _extra_value(value: object) -> Any:
+    if isinstance(value, np.ndarray):
+        return value
+    return _scalar(value)
+
+
+class CheckpointReader:
+    """Lazy, layer-by-layer access to a checkpoint (peak memory: one layer's factors).
+
+    Opens the file read-only (it is never modified) and checks that it is HDF5 and has the root
+    attributes of format v1. Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        self._file = _open_read_only(self.path)
+        self._steps: tuple[list[int], list[int]] | None = None
+        try:
+            with _h5_errors(self.path):
+                self.format_version = _check_root(self._file, self.path)
+                self.model_name, self.model_config = _read_model(self._file, self.path)
+                if "steps" not in self._file or not isinstance(self._file["steps"], h5py.Group):
+                    raise _error("missing /steps group (not a curvlab checkpoint?)", self.path)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        self._file.close()
+
+    # --- steps -----------------------------------------------------------------------------------
+
+    def _step_groups(self) -> Iterator[tuple[str, h5py.Group]]:
+        steps = self._file["steps"]
+        for name in steps:
+            with _h5_errors(self.path, name):
+                g = steps.get(name)
+            if not isinstance(g, h5py.Group):
+                raise _error("is not a group", self.path, name)
+            yield name, g
+
+    def _step_state(self, name: str, g: h5py.Group) -> bool:
+        """True for a complete step; checks the group name and its ``step`` attribute."""
+        if not _STEP_NAME.match(name):
+            raise _error(
+                f"step group name {name!r} is not a step number in decimal (like '0' or '200',"
+                " no sign or leading zeros)",
+                self.path,
+                name,
+            )
+        try:
+            with _h5_errors(self.path, name):
+                complete = "complete" in g.attrs and _attr_bool(g.attrs, "complete")
+                if complete:
+                    number = _attr_int(g.attrs, "step")
+                    if str(number) != name:
+                        raise CheckpointError(
+                            f"step attribute {number} disagrees with the group name {name!r}"
+                        )
+        except CheckpointError as exc:
+            raise _error(str(exc), self.path, name) from None
+        return complete
+
+    def _scan(self) -> tuple[list[int], list[int]]:
+        """(complete, incomplete) step numbers, ascending; warns once per incomplete step."""
+        if self._steps is None:
+            complete, incomplete = [], []
+            for name, g in self._step_groups():
+                if self._step_state(name, g):
+                    complete.append(int(name))
+                    continue
+                incomplete.append(int(name))
+                warnings.warn(
+                    f"{where(self.path, name)}: incomplete step (attribute complete missing or"
+                    " false: the writer probably died while writing it), skipped",
+                    IncompleteStepWarning,
+                    stacklevel=3,
+                )
+            self._steps = (sorted(complete), sorted(incomplete))
+        return self._steps
+
+    def step_numbers(self) -> list[int]:
+        """Complete step numbers, ascending; each incomplete step gives one IncompleteStepWarning."""
+        return list(self._scan()[0])
+
+    def incomplete_steps(self) -> list[int]:
+        """Numbers of the step groups skipped as incomplete (``complete`` missing or false)."""
+        return list(self._scan()[1])
+
+    def _is_complete_step_quiet(self, step: int) -> bool:
+        g = self._file["steps"].get(str(step))
+        return isinstance(g, h5py.Group) and self._step_state(str(step), g)
+
+    def _group(self, step: int) -> h5py.Group:
+        numbers = self.step_numbers()
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+            raise _error(f"step {step!r} is not an integer", self.path)
+        if int(step) not in numbers:
+            listed = ", ".join(map(str, numbers)) or "none"
+            raise _error(f"no complete step {step} (complete steps: {listed})", self.path)
+        return self._file["steps"][str(int(step))]
+
+    def step_attrs(self, step: int) -> dict[str, Any]:
+        """``fisher_type``, ``num_examples`` and every extra attribute of a complete step."""
+        g = self._group(step)
+        try:
+            with _h5_errors(self.path, step):
+                out: dict[str, Any] = {
+                    "fisher_type": _attr_str(g.attrs, "fisher_type"),
+                    "num_examples": _attr_int(g.attrs, "num_examples"),
+                }
+                if out["num_examples"] < 0:
+                    raise CheckpointError(f"num_examples {out['num_examples']} is negative")
+                for key in g.attrs:
+                    if key not in RESERVED_STEP_ATTRS:
+                        out[key] = _extra_value(g.attrs[key])
+        except CheckpointError as exc:
+            raise _error(str(exc), self.path, step) from None
+        return out
+
+    # --- layers ----------------------------------------------------------------------------------
+
+    def _factors_group(self, step: int) -> h5py.Group:
+        g = self._group(step)
+        fg = g.get("factors")
+        if not isinstance(fg, h5py.Group):
+            raise _error("missing factors group", self.path, step)
+        return fg
+
+    def layer_names(self, step: int) -> list[str]:
+        """Layer names of a step, in the order they were written."""
+        with _h5_errors(self.path, step):
+            return list(self._factors_group(step))
+
+    def _layer_group(self, step: int, layer: str) -> h5py.Group:
+        fg = self._factors_group(step)
+        with _h5_errors(self.path, step, layer):
+            lg = fg.get(layer)
+        if lg is None:
+            raise _error("no such layer in this step", self.path, step, layer)
+        if not isinstance(lg, h5py.Group):
+            raise _error("is not a group", self.path, step, layer)
+        return lg
+
+    def layer_meta(self, step: int, layer: str) -> tuple[str, tuple[int, ...], bool]:
+        """``(module_type, weight_shape, has_bias)`` of a layer, validated."""
+        lg = self._layer_group(step, layer)
+        try:
+            with _h5_errors(self.path, step, layer):
+                return _read_meta(lg)[:3]
+        except CheckpointError as exc:
+            raise _error(str(exc), self.path, step, layer) from None
+
+    def factor_kind(self, step: int, layer: str, which: str) -> str:
+        """``"diagonal"`` when factor ``which`` (``"A"`` or ``"S"``) is stored as a vector, else
+        ``"dense"``, from the dataset's shape alone (no data read, not validated: a missing or
+        malformed factor counts as dense; :meth:`read_factors` reports it)."""
+        if which not in ("A", "S"):
+            raise ValueError(f"factor {which!r}: expected 'A' or 'S'")
+        try:
+            with _h5_errors(self.path, step, layer):
+                ds = self._layer_group(step, layer).get(which)
+        except CheckpointError:
+            return "dense"
+        return "diagonal" if isinstance(ds, h5py.Dataset) and ds.ndim == 1 else "dense"
+
+    def read_factors(self, step: int, layer: str) -> LayerFactors:
+        """One layer's factors, read and validated (see :func:`validate_layer`)."""
+        lg = self._layer_group(step, layer)
+        try:
+            with _h5_errors(self.path, step, layer):
+                module_type, weight_shape, has_bias, sizes = _read_meta(lg)
+                meta = _layer_meta_text(module_type, weight_shape, has_bias)
+                arrays = [_read_factor(lg, name, size, meta) for name, size in zip("AS", sizes, strict=True)]
+        except CheckpointError as exc:
+            raise _error(str(exc), self.path, step, layer) from None
+        return LayerFactors(module_type, weight_shape, has_bias, arrays[0], arrays[1])
+
+    def read_weights(self, step: int) -> dict[str, np.ndarray]:
+        """The model parameters stored with a step (``{}`` if none)."""
+        return self._read_weights(step) or {}
+
+    def _read_weights(self, step: int) -> dict[str, np.ndarray] | None:
+        g = self._group(step)
+        wg = g.get("weights")
+        if wg is None:
+            return None
+        if not isinstance(wg, h5py.Group):
+            raise _error("weights is not a group", self.path, step)
+        out = {}
+        with _h5_errors(self.path, step):
+            for name in wg:
+                ds = wg[name]
+                if not isinstance(ds, h5py.Dataset) or ds.dtype.kind not in "biuf":
+                    raise _error(f"weight {name} is not a numeric dataset", self.path, step)
+                out[name] = _native(ds[()])
+        return out
+
+
+def _open_read_only(path: str) -> h5py.File:
+    if not os.path.exists(path):
+        raise _error("no such file", path)
+    if os.path.isdir(path):
+        raise _error("is a folder, not a checkpoint file", path)
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        reason = _one_line(str(exc))
+        if "signature" in reason:
+            reason = "no HDF5 signature"
+        elif "truncated" in reason:
+            reason = f"truncated ({reason})"
+        raise _error(f"not a readable HDF5 file: {reason}", path) from None
+
+
+def _check_root(f: h5py.File, path: str) -> int:
+    """The root attributes: ``format == FORMAT`` and ``format_version`` this code can read."""
+    if "format" not in f.attrs:
+        raise _error("not a curvlab checkpoint: root attribute format is missing", path)
+    fmt = _scalar(f.attrs["format"])
+    if fmt != FORMAT:
+        raise _error(f"not a curvlab checkpoint: format is {fmt!r}, expected {FORMAT!r}", path)
+    try:
+        version = _attr_int(f.attrs, "format_version")
+    except CheckpointError as exc:
+        raise _error(f"root {exc}", path) from None
+    if version > FORMAT_VERSION:
+        raise _error(
+            f"format_version {version} was written by a newer curvlab (this one reads version "
+            f"{FORMAT_VERSION}): upgrade curvlab",
+            path,
+        )
+    if version < 1:
+        raise _error(f"format_version {version} is not valid (must be {FORMAT_VERSION})", path)
+    return version
+
+
+def _read_model(f: h5py.File, path: str) -> tuple[str | None, dict | None]:
+    g = f.get("model")
+    if g is None:
+        return None, None
+    if not isinstance(g, h5py.Group):
+        raise _error("/model is not a group", path)
+    name = config = None
+    try:
+        if "name" in g.attrs:
+            name = _attr_str(g.attrs, "name")
+        if "config" in g.attrs:
+            text = _attr_str(g.attrs, "config")
+            try:
+                config = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise CheckpointError(f"config is not valid JSON ({exc})") from None
+            if not isinstance(config, dict):
+                raise CheckpointError("config is valid JSON but not a JSON object")
+    except CheckpointError as exc:
+        raise _error(f"/model: {exc}", path) from None
+    return name, config
+
+
+def _read_meta(lg: h5py.Group) -> tuple[str, tuple[int, ...], bool, tuple[int, int]]:
+    """``module_type, weight_shape, has_bias, (size of A, size of S)`` from a layer group."""
+    module_type = _attr_str(lg.attrs, "module_type")
+    if "weight_shape" not in lg.attrs:
+        raise CheckpointError("missing attribute weight_shape")
+    raw_shape = lg.attrs["weight_shape"]
+    has_bias = _attr_bool(lg.attrs, "has_bias")
+    sizes = expected_factor_sizes(module_type, raw_shape, has_bias)
+    return module_type, _check_weight_shape(module_type, raw_shape), has_bias, sizes
+
+
+def _native(arr: np.ndarray) -> np.ndarray:
+    """``arr`` in native byte order (HDF5 can store big-endian data)."""
+    if arr.dtype.byteorder not in ("=", "|"):
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    return arr
+
+
+def _read_factor(lg: h5py.Group, name: str, size: int, meta: str) -> np.ndarray:
+    ds = lg.get(name)
+    if ds is None:
+        raise CheckpointError(f"missing factor {name}")
+    if not isinstance(ds, h5py.Dataset):
+        raise CheckpointError(f"{name} is not a dataset")
+    _check_dtype(name, ds.dtype)
+    _check_shape(name, tuple(ds.shape), size, meta)
+    arr = _native(ds[()])
+    _check_values(name, arr)
+    return arr
+
+
+def _as_patterns(layers: str | Iterable[str] | None) -> list[str] | None:
+    if layers is None:
+        return None
+    return [layers] if isinstance(layers, str) else list(layers)
+
+
+def _select_steps(reader: CheckpointReader, steps: object) -> list[int]:
+    """``None`` (all), ``"latest"``, an int or a list of ints, as a sorted list of step numbers."""
+    available = reader.step_numbers()
+    if steps is None:
+        return available
+    if steps == "latest":
+        if not available:
+            raise _error("holds no complete step", reader.path)
+        return [available[-1]]
+    if isinstance(steps, (int, np.integer)):
+        wanted = [steps]
+    elif isinstance(steps, (str, bytes)) or not isinstance(steps, Iterable):
+        raise _error(f"steps={steps!r}: expected None, 'latest', an int or a list of ints",
+                     reader.path)
+    else:
+        wanted = list(steps)
+    for n in wanted:
+        reader._group(n)  # raises a one-line error for an unknown or non-integer step
+    return sorted({int(n) for n in wanted})
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    steps: int | str | Sequence[int] | None = None,
+    layers: str | Sequence[str] | None = None,
+    weights: bool = True,
+) -> Checkpoint:
+    """Read and validate a checkpoint (complete steps only; incomplete ones warn and are skipped).
+
+    ``steps``: ``None`` (all), ``"latest"``, a step number or a list of them. ``layers``: ``None``
+    (all) or an ``fnmatch`` glob or list of globs on layer names (case-sensitive); a glob matching
+    no layer of any selected step is an error. ``weights=False`` skips the stored parameters
+    (``Step.weights`` is then ``None``, as it is for a step stored without weights).
+    """
+    with CheckpointReader(path) as reader:
+        numbers = _select_steps(reader, steps)
+        patterns = _as_patterns(layers)
+        used: set[str] = set()
+        out: dict[int, Step] = {}
+        for n in numbers:
+            out[n] = _load_step(reader, n, patterns, used, weights)
+        unused = [p for p in patterns or [] if p not in used]
+        if unused and numbers:
+            raise _error(f"layers: pattern {unused[0]!r} matches no layer", reader.path)
+        return Checkpoint(
+            path=reader.path,
+            format_version=reader.format_version,
+            model_name=reader.model_name,
+            model_config=reader.model_config,
+            steps=out,
+        )
+
+
+def _load_step(
+    reader: CheckpointReader, n: int, patterns: list[str] | None, used: set[str], weights: bool
+) -> Step:
+    attrs = reader.step_attrs(n)
+    factors = {}
+    for name in reader.layer_names(n):
+        if patterns is not None:
+            hits = [p for p in patterns if fnmatch.fnmatchcase(name, p)]
+            used.update(hits)
+            if not hits:
+                continue
+        factors[name] = reader.read_factors(n, name)
+    return Step(
+        step=n,
+        fisher_type=attrs.pop("fisher_type"),
+        num_examples=attrs.pop("num_examples"),
+        factors=factors,
+        weights=reader._read_weights(n) if weights else None,
+        attrs=attrs,
+    )
