@@ -36,7 +36,14 @@ OLD_PATHS: dict[str, tuple[str, ...]] = {
     "curvlab.gradcov": ("curvlab.analysis.gradcov",),
     "curvlab.curvature": ("curvlab.analysis.curvature",),
     "curvlab.kfac": ("curvlab.optim.kfac",),
-    "curvlab.train": ("curvlab.optim.train",),
+    "curvlab.train": (
+        "curvlab.optim.train",
+        "curvlab.optim.config",
+        "curvlab.optim.schedules",
+        "curvlab.optim.batches",
+        "curvlab.optim.optimizers",
+        "curvlab.optim.runfolder",
+    ),
     "curvlab.cli": ("curvlab.commands",),
 }
 
