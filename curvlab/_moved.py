@@ -33,7 +33,7 @@ OLD_PATHS: dict[str, tuple[str, ...]] = {
     "curvlab.info": ("curvlab.io.info",),
     "curvlab.spectrum": ("curvlab.analysis.spectrum",),
     "curvlab.powerlaw": ("curvlab.analysis.powerlaw",),
-    "curvlab.gradcov": ("curvlab.analysis.gradcov",),
+    "curvlab.gradcov": ("curvlab.analysis.gradcov", "curvlab.analysis.gradcov_run"),
     "curvlab.curvature": ("curvlab.analysis.curvature",),
     "curvlab.kfac": ("curvlab.optim.kfac",),
     "curvlab.train": (
