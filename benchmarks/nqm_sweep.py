@@ -28,15 +28,9 @@ import time
 import numpy as np
 
 from benchmarks.harness import write_result
-from curvlab.nqm.analysis import (
-    Grid,
-    paper_decay_grid,
-    paper_lr_grid,
-    reference_steps,
-    reference_sweep,
-    steps_to_target,
-)
+from curvlab.nqm.analysis import Grid, paper_decay_grid, paper_lr_grid, steps_to_target
 from curvlab.nqm.problem import default_problem
+from curvlab.nqm.reference import reference_steps, reference_sweep
 
 TARGET = 0.01
 POWERS = (0.0, 0.25, 0.5, 0.75)

@@ -27,7 +27,13 @@ OLD_PATHS: dict[str, tuple[str, ...]] = {
         "curvlab.io.checkpoint.writer",
     ),
     "curvlab.atomic": ("curvlab.io.atomic",),
-    "curvlab.data": ("curvlab.io.data",),
+    "curvlab.data": (
+        "curvlab.io.data",
+        "curvlab.io.data.dataset",
+        "curvlab.io.data.images",
+        "curvlab.io.data.cifar10",
+        "curvlab.io.data.text",
+    ),
     "curvlab.restore": ("curvlab.io.restore",),
     "curvlab.info": ("curvlab.io.info",),
     "curvlab.spectrum": (
@@ -47,10 +53,17 @@ OLD_PATHS: dict[str, tuple[str, ...]] = {
         "curvlab.analysis.powerlaw.compare",
         "curvlab.analysis.powerlaw.fit",
     ),
-    "curvlab.gradcov": ("curvlab.analysis.gradcov",),
+    "curvlab.gradcov": ("curvlab.analysis.gradcov", "curvlab.analysis.gradcov_run"),
     "curvlab.curvature": ("curvlab.analysis.curvature",),
     "curvlab.kfac": ("curvlab.optim.kfac",),
-    "curvlab.train": ("curvlab.optim.train",),
+    "curvlab.train": (
+        "curvlab.optim.train",
+        "curvlab.optim.config",
+        "curvlab.optim.schedules",
+        "curvlab.optim.batches",
+        "curvlab.optim.optimizers",
+        "curvlab.optim.runfolder",
+    ),
     "curvlab.cli": ("curvlab.commands",),
 }
 

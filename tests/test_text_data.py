@@ -251,7 +251,7 @@ def test_pystdlib_defaults_and_determinism() -> None:
 
 def build_vocabulary_of_train(dataset) -> tuple[str, ...]:
     """The vocabulary recomputed from the token strings of the ``train`` pieces (independent count)."""
-    from curvlab.io.data import _pystdlib_tokens
+    from curvlab.io.data.text import _pystdlib_tokens
 
     _, tokens = _pystdlib_tokens()
     piece = dataset.x.shape[1] + 1

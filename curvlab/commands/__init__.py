@@ -444,7 +444,7 @@ def run_gradcov(args: argparse.Namespace) -> int:
     import torch
 
     from curvlab import distributed
-    from curvlab.analysis.gradcov import bases_from_checkpoint, run_gradcov, summarize, write_result
+    from curvlab.analysis.gradcov_run import bases_from_checkpoint, run_gradcov, summarize, write_result
     from curvlab.device import resolve_device
     from curvlab.io.data import iterate_batches, load_dataset
     from curvlab.io.restore import rebuild_model

@@ -1,6 +1,7 @@
 """Analyses on the NQM: steps to a target risk (bisection on t), minimised over learning-rate and
-momentum / averaging-decay grids; the optimal learning rate per batch size; the optimised
-piecewise-constant schedule (seed E.5–E.7).
+momentum / averaging-decay grids; the optimal learning rate per batch size (seed E.5, E.6). The
+straightforward reference loop is :mod:`curvlab.nqm.reference`, the optimised piecewise-constant
+schedule (seed E.7) :mod:`curvlab.nqm.schedule`; their names are importable from here too.
 
 Definitions (docs/nqm.md):
 
@@ -11,7 +12,7 @@ Definitions (docs/nqm.md):
   bisection on t (``lo = 0``, ``hi = t_max``, ``mid = ⌊(lo+hi)/2⌋``), assuming R decreases in t; ``-1``
   ("never") if the setting diverges (any dimension unstable) or ``R(t_max; B) ≥ C``.
 * Over a grid the minimum and the first minimiser in (lr, decay) order are reported — what a Python
-  loop over the grid with a strict ``<`` keeps (:func:`reference_sweep`).
+  loop over the grid with a strict ``<`` keeps (:func:`curvlab.nqm.reference.reference_sweep`).
 
 Fast path (:func:`steps_to_target`): the risk of a block of grid points is evaluated at one t per point
 from precomputed roots (:class:`_Block`), vectorised over points and dimensions; the bisection runs for
@@ -24,19 +25,38 @@ minimum and the first minimiser equal the exhaustive search's.
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from curvlab.nqm.dynamics import ema_system, momentum_system, sgd_parts, sgd_stable
+from curvlab.nqm.dynamics import ema_system, momentum_system, sgd_stable
 from curvlab.nqm.problem import Problem, binned, preconditioned
 
 KINDS = ("sgd", "momentum", "ema")
 DEFAULT_T_MAX = 10**9
 _BLOCK_ELEMENTS = 1 << 17  # entries per evaluation block: arrays stay in cache
 _TINY_LOG = -1e300  # stands for log 0 so that 0·log 0 = 0 and t·log 0 = −∞ without NaN
+#: Names that moved to their own modules and are still importable from here (see :func:`__getattr__`).
+_MOVED = {
+    "point_risk": "curvlab.nqm.reference",
+    "point_stable": "curvlab.nqm.reference",
+    "reference_steps": "curvlab.nqm.reference",
+    "reference_sweep": "curvlab.nqm.reference",
+    "PWCResult": "curvlab.nqm.schedule",
+    "pwc_risk_torch": "curvlab.nqm.schedule",
+    "optimal_pwc": "curvlab.nqm.schedule",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """A name of :data:`_MOVED`, from its module (looked up on use: those modules import this one)."""
+    if name in _MOVED:
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ------------------------------------------------------------------------------------------ grids
@@ -552,226 +572,3 @@ def _progress_bar(enabled: bool, total: int, unit: str):
     from tqdm import tqdm
 
     return tqdm(total=total, unit=unit, leave=False, dynamic_ncols=True)
-
-
-# ----------------------------------------------------------------------------- the reference loop
-
-
-def point_risk(problem: Problem, kind: str, lr: float, decay: float, precond: float, batch_size: float,
-               t: int) -> float:
-    """Expected risk of one setting after t constant-rate steps, from the closed forms of
-    :mod:`curvlab.nqm.dynamics` evaluated over the entries (the straightforward way, no precomputation)."""
-    h_eff, c_eff, w_det, w_noise = entry_weights(problem, precond)
-    if kind == "sgd":
-        det, unit = sgd_parts(t, lr, h_eff)
-    else:
-        system = (momentum_system if kind == "momentum" else ema_system)(lr, decay, h_eff)
-        det, unit = system.readout_parts(t)
-    with np.errstate(all="ignore"):
-        return float(np.sum(w_det * det) + np.sum(w_noise * unit) / batch_size)
-
-
-def point_stable(problem: Problem, kind: str, lr: float, decay: float, precond: float) -> bool:
-    """Whether every dimension of the setting is stable (divergence means "never reaches")."""
-    h_eff, _ = preconditioned(problem.h, problem.c, precond)
-    if kind == "sgd":
-        return bool(np.all(sgd_stable(lr, h_eff)))
-    system = (momentum_system if kind == "momentum" else ema_system)(lr, decay, h_eff)
-    return bool(np.all(system.stable))
-
-
-def reference_steps(problem: Problem, kind: str, lr: float, decay: float, precond: float,
-                    batch_size: float, target: float, t_max: int = DEFAULT_T_MAX) -> int:
-    """One setting's steps to target, by its own scalar bisection over t (the reference)."""
-    if not point_stable(problem, kind, lr, decay, precond):
-        return -1
-    if problem.initial_risk() < target:
-        return 0
-    if not point_risk(problem, kind, lr, decay, precond, batch_size, t_max) < target:
-        return -1
-    lo, hi = 0, int(t_max)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if point_risk(problem, kind, lr, decay, precond, batch_size, mid) < target:
-            hi = mid
-        else:
-            lo = mid
-    return hi
-
-
-def reference_sweep(problem: Problem, target: float, batch_sizes: Sequence[float], grid: Grid, *,
-                    t_max: int = DEFAULT_T_MAX, points: Sequence[int] | None = None) -> SweepResult:
-    """The straightforward sweep: a Python loop over batch sizes and grid points (lr outer, decay inner),
-    each point with its own bisection (:func:`reference_steps`), keeping the first strict minimum.
-    ``points`` restricts the loop to those flat grid indices (for timing a subset)."""
-    batch = _check_sweep_args(problem, target, batch_sizes, t_max)
-    todo = range(grid.size) if points is None else [int(p) for p in points]
-    steps = np.full(batch.size, -1, dtype=np.int64)
-    best = np.full(batch.size, -1, dtype=np.int64)
-    for i, b in enumerate(batch):
-        best_steps = math.inf
-        for g in todo:
-            lr, decay = grid.point(g)
-            s = reference_steps(problem, grid.kind, float(lr), float(decay), grid.precond, float(b), target,
-                                t_max)
-            if s >= 0 and s < best_steps:
-                best_steps, steps[i], best[i] = s, s, g
-    lr, decay = grid.point(np.maximum(best, 0))
-    return SweepResult(float(target), batch, steps, np.where(best >= 0, lr, np.nan),
-                       np.where(best >= 0, decay, np.nan), grid, problem.mode)
-
-
-# ------------------------------------------------------------------- optimised piecewise-constant
-
-
-@dataclass
-class PWCResult:
-    """The optimised piecewise-constant schedule per batch size (seed E.7, Fig. 15).
-
-    ``pieces`` equal pieces of ``steps_per_piece[b]`` steps each; ``lrs[b]`` their rates (first to last);
-    ``steps_per_piece`` is the smallest value for which the optimised schedule reaches ``risk < target``
-    (bisection, each trial re-optimised); ``final_lr = lrs[:, -1]``.
-    """
-
-    target: float
-    batch_sizes: np.ndarray
-    pieces: int
-    steps_per_piece: np.ndarray
-    lrs: np.ndarray
-    risk: np.ndarray
-    constant_steps: np.ndarray
-    constant_lr: np.ndarray
-    precond: float
-    mode: str
-
-    @property
-    def final_lr(self) -> np.ndarray:
-        return self.lrs[:, -1]
-
-    @property
-    def total_steps(self) -> np.ndarray:
-        return self.steps_per_piece * self.pieces
-
-
-def pwc_risk_torch(log_lrs, steps_per_piece, inv_batch, h_eff, c_eff, weight, a0):
-    """Risk after a piecewise-constant SGD schedule, differentiable (torch, float64).
-
-    ``log_lrs``: (n, K) log rates; ``steps_per_piece``: (n,) steps of every piece; per piece the closed
-    form ``A ← A_∞ + (1−αh)^{2k}(A − A_∞)``, ``A_∞ = α c/(B h (2 − αh))``. Returns (n,) risks
-    ``Σ_i weight_i A_i``.
-    """
-    import torch
-
-    lrs = torch.exp(log_lrs)
-    a = a0.expand(lrs.shape[0], -1)
-    k = steps_per_piece[:, None].to(lrs.dtype)
-    for j in range(lrs.shape[1]):
-        lr = lrs[:, j : j + 1]
-        x = lr * h_eff
-        stat = lr * c_eff * inv_batch[:, None] / (h_eff * (2.0 - x))
-        decay = torch.pow((1.0 - x) ** 2, k)  # finite gradient even where αh = 1
-        a = stat + decay * (a - stat)
-    return (a * weight).sum(dim=1)
-
-
-def _single_blas_thread():
-    """One BLAS thread (threadpoolctl, a scikit-learn dependency), or nothing where it is missing."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover
-        import contextlib
-
-        return contextlib.nullcontext()
-    return threadpool_limits(1)
-
-
-def _optimise_pwc(log_init: np.ndarray, steps: np.ndarray, inv_batch: np.ndarray, arrays, max_log_lr: float,
-                  min_log_lr: float) -> tuple[np.ndarray, np.ndarray]:
-    """L-BFGS-B over all rows at once on ``Σ_rows log risk`` (separable), exact gradients by autograd."""
-    import torch
-    from scipy.optimize import minimize
-
-    h_eff, c_eff, weight, a0 = arrays
-    steps_t = torch.as_tensor(steps, dtype=torch.float64)
-    inv_b = torch.as_tensor(inv_batch, dtype=torch.float64)
-    shape = log_init.shape
-
-    def fun(flat: np.ndarray) -> tuple[float, np.ndarray]:
-        x = torch.tensor(flat.reshape(shape), dtype=torch.float64, requires_grad=True)
-        risk = pwc_risk_torch(x, steps_t, inv_b, h_eff, c_eff, weight, a0)
-        total = torch.log(risk).sum()
-        total.backward()
-        return float(total.detach()), x.grad.numpy().ravel().copy()
-
-    bounds = [(min_log_lr, max_log_lr)] * log_init.size
-    with _single_blas_thread():  # L-BFGS-B's tiny BLAS calls: threads only contend
-        res = minimize(fun, np.clip(log_init, min_log_lr, max_log_lr).ravel(), jac=True, method="L-BFGS-B",
-                       bounds=bounds, options={"maxiter": 2000, "ftol": 1e-12, "gtol": 1e-9})
-    x = res.x.reshape(shape)
-    with torch.no_grad():
-        risk = pwc_risk_torch(torch.as_tensor(x), steps_t, inv_b, h_eff, c_eff, weight, a0).numpy()
-    return x, risk
-
-
-def optimal_pwc(problem: Problem, target: float, batch_sizes: Sequence[float], *, pieces: int = 10,
-                precond: float = 0.0, lrs: np.ndarray | None = None, t_max: int = DEFAULT_T_MAX,
-                progress: bool = False) -> PWCResult:
-    """The fastest piecewise-constant SGD schedule with ``pieces`` equal pieces per batch size (seed E.7).
-
-    Start: the best constant rate on ``lrs`` (default :func:`paper_lr_grid`) and its steps T; the
-    schedule with every piece at that rate and ``⌈T/K⌉`` steps per piece reaches the target. Then
-    bisection on the steps per piece: each trial optimises the K log-rates (bounded above by the
-    largest stable rate ``2/max h^{1-p}``, times 0.999) with L-BFGS-B on exact autograd gradients,
-    warm-started from the last feasible schedule; feasible means optimised risk ``< target``.
-    Vectorised over batch sizes. Batch sizes that never reach the target get NaN rates.
-    """
-    import torch
-
-    if pieces < 1:
-        raise ValueError(f"pieces must be a positive integer, got {pieces}")
-    batch = _check_sweep_args(problem, target, batch_sizes, t_max)
-    grid = Grid("sgd", paper_lr_grid("sgd") if lrs is None else lrs, precond=precond)
-    const = steps_to_target(problem, target, batch, grid, t_max=t_max)
-    h_eff, c_eff, _, _ = entry_weights(problem, precond)
-    arrays = tuple(torch.as_tensor(v, dtype=torch.float64)[None, :] for v in
-                   (h_eff, c_eff, 0.5 * problem.h * problem.counts, problem.a0))
-    max_log_lr = math.log(0.999 * 2.0 / float(h_eff.max()))
-    min_log_lr = math.log(1e-12)
-    ok = const.steps > 0
-    nb = batch.size
-    lrs_out = np.full((nb, pieces), np.nan)
-    risk_out = np.full(nb, np.nan)
-    per_piece = np.full(nb, -1, dtype=np.int64)
-    if ok.any():
-        rows = np.flatnonzero(ok)
-        hi = -(-const.steps[rows] // pieces)
-        lo = np.zeros_like(hi)
-        best = np.tile(np.log(const.lr[rows])[:, None], (1, pieces))
-        best_risk = np.full(rows.size, np.nan)
-        inv_batch = 1.0 / batch[rows]
-        # the constant schedule at hi steps per piece is feasible; record its optimised version
-        x, risk = _optimise_pwc(best, hi, inv_batch, arrays, max_log_lr, min_log_lr)
-        better = risk < target
-        best = np.where(better[:, None], x, best)
-        best_risk = np.where(better, risk, best_risk)
-        bar = _progress_bar(progress, int(np.ceil(np.log2(max(hi.max(), 2)))), "bisection steps")
-        try:
-            while np.any(hi - lo > 1):
-                act = np.flatnonzero(hi - lo > 1)
-                mid = (lo[act] + hi[act]) // 2
-                x, risk = _optimise_pwc(best[act], mid, inv_batch[act], arrays, max_log_lr, min_log_lr)
-                feasible = risk < target
-                hi[act] = np.where(feasible, mid, hi[act])
-                lo[act] = np.where(feasible, lo[act], mid)
-                best[act] = np.where(feasible[:, None], x, best[act])
-                best_risk[act] = np.where(feasible, risk, best_risk[act])
-                if bar is not None:
-                    bar.update(1)
-        finally:
-            if bar is not None:
-                bar.close()
-        per_piece[rows] = hi
-        lrs_out[rows] = np.exp(best)
-        risk_out[rows] = best_risk
-    return PWCResult(float(target), batch, int(pieces), per_piece, lrs_out, risk_out, const.steps,
-                     const.lr, float(precond), problem.mode)

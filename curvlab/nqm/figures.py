@@ -14,9 +14,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from curvlab.nqm.analysis import Grid, optimal_pwc, paper_decay_grid, paper_lr_grid, steps_to_target
+from curvlab.nqm.analysis import Grid, paper_decay_grid, paper_lr_grid, steps_to_target
 from curvlab.nqm.dynamics import sgd_parts
 from curvlab.nqm.problem import Problem, default_problem
+from curvlab.nqm.schedule import optimal_pwc
 from curvlab.nqm.theorems import theorem1_convergence
 
 FIGURES = ("11", "13", "14a", "14b", "14c", "15")

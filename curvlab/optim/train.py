@@ -1,24 +1,18 @@
 """Training runs that save K-FAC factors along the way (seed E.1), with the schedules of F.3 and the
-optimizers of F.4, resumable after a crash.
+optimizers of F.4, resumable after a crash: the run itself — build it, loop over the steps, save and
+restore its state.
 
-A run lives in one folder ``RUN/`` (docs/training.md):
+The pieces a run is made of have their own modules: the config (:mod:`curvlab.optim.config`), the
+learning rate and the saved steps (:mod:`curvlab.optim.schedules`), the data order and each process's
+share of a batch (:mod:`curvlab.optim.batches`), the optimizers (:mod:`curvlab.optim.optimizers`) and
+the run folder ``RUN/`` with ``config.json``, ``ckpt.h5``, ``metrics.jsonl`` and ``state-<t>.pt``
+(:mod:`curvlab.optim.runfolder`, docs/training.md). Their public names are importable from here too.
 
-* ``config.json``: the resolved :class:`TrainConfig` and the model config (written once, atomically);
-* ``ckpt.h5``: a factor checkpoint (docs/format.md) with the factors and the model weights at every
-  saved step, step 0 (the initial weights) included; each step is appended crash-safely
-  (:func:`curvlab.io.checkpoint.append_step`: copy, write, ``complete`` last, rename);
-* ``metrics.jsonl``: one JSON line per step ``{"step", "loss", "lr", "time"}`` (plus ``"nu"``, the KL
-  clipping factor, for K-FAC), appended and flushed;
-* ``state-<t>.pt``: everything needed to continue from the last saved step ``t`` — weights, optimizer
-  state, RNG states — as tensors and plain numbers (``torch.save``; read back with
-  ``torch.load(weights_only=True)``, never unpickling arbitrary objects). Written atomically *before*
-  step ``t`` is appended to ``ckpt.h5``; older ones are deleted after.
-
-Step ``t`` means "after ``t`` optimizer updates". The update from step ``t`` to ``t + 1`` uses the
-learning rate ``α(t)`` (seed F.3): ``α0`` (``constant``) or, for ``linear-decay``,
-``α(t) = α0 − (1 − γ) α0 t / T_decay`` for ``t ≤ T_decay`` and ``γ α0`` after. The batch of that update
-is a slice of a per-epoch permutation of the training set, seeded by ``(seed, epoch)``, so it is a
-function of the step alone and a resumed run sees the same batches.
+Step ``t`` means "after ``t`` optimizer updates". At every saved step ``t`` the state file
+``state-<t>.pt`` (weights, optimizer state, RNG states) is written atomically *before* step ``t`` is
+appended to ``ckpt.h5``, and older state files are deleted after; ``resume`` continues from the last
+complete step of ``ckpt.h5`` and equals an uninterrupted run, since the learning rate and the batch of
+every update are functions of the step alone.
 
 Factors saved at step ``t``: with ``kfac``, the optimizer's running factors (moving averages of the
 statistics of the training batches, started from an estimate at the initial weights on the fixed
@@ -41,28 +35,42 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import json
 import math
 import os
-import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from curvlab import distributed
 from curvlab.capture.factors import FactorSet, collect_factors, model_weights
-from curvlab.capture.loss import FISHER_TYPES
 from curvlab.errors import CheckpointError, CurvlabError, OptionError
 from curvlab.io.atomic import atomic_output, remove_quietly
-from curvlab.io.checkpoint import CheckpointReader, append_step
+from curvlab.io.checkpoint import append_step
+from curvlab.optim.batches import BatchOrder, loss_scale, shard
+from curvlab.optim.config import DEFAULT_LR as DEFAULT_LR
+from curvlab.optim.config import OPTIMIZERS, SCHEDULES, TrainConfig
 from curvlab.optim.kfac import KFAC, mean_cross_entropy
+from curvlab.optim.optimizers import TorchOptimizer, make_optimizer
+from curvlab.optim.runfolder import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    METRICS_FILE,
+    STATE_FORMAT,
+    _complete_steps,
+    _first_line,
+    _remove_stale_temps,
+    _state_files,
+    _truncate_metrics,
+    _write_json,
+    read_config,
+)
+from curvlab.optim.schedules import learning_rate, save_steps
 
 __all__ = [
     "OPTIMIZERS",
@@ -76,350 +84,8 @@ __all__ = [
     "train",
 ]
 
-OPTIMIZERS = ("sgd", "momentum", "adam", "kfac")
-SCHEDULES = ("constant", "linear-decay")
-#: Default initial learning rate per optimizer.
-DEFAULT_LR = {"sgd": 0.1, "momentum": 0.05, "adam": 1e-3, "kfac": 0.05}
-CONFIG_FILE, CHECKPOINT_FILE, METRICS_FILE = "config.json", "ckpt.h5", "metrics.jsonl"
-STATE_FORMAT = "curvlab.train-state"
-_STATE_NAME = re.compile(r"^state-(0|[1-9][0-9]*)\.pt$")
 #: Options that may differ when a run is resumed (they change what is saved, not the trajectory).
 RESUMABLE_CHANGES = ("steps", "save_every", "save_steps")
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run (see ``curvlab train --help`` and docs/training.md)."""
-
-    model: str
-    data: str
-    optimizer: str
-    steps: int
-    batch_size: int = 128
-    lr: float | None = None
-    model_args: dict[str, Any] = field(default_factory=dict)
-    examples: int | None = None
-    schedule: str = "constant"
-    decay_steps: int | None = None
-    final_lr_factor: float = 0.01
-    momentum: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    damping: float = 1e-2
-    kl_clip: float | None = 1e-3
-    factor_decay: float = 0.95
-    factor_update_every: int = 1
-    inverse_update_every: int = 10
-    fisher: str = "mc"
-    mc_samples: int = 1
-    factor_examples: int = 512
-    save_every: int | None = None
-    save_steps: list[int] = field(default_factory=list)
-    seed: int = 0
-
-    def resolved(self) -> TrainConfig:
-        """A copy with defaults that depend on other fields filled in (lr, decay_steps), checked."""
-        config = dataclasses.replace(self, model_args=dict(self.model_args), save_steps=list(self.save_steps))
-        if config.lr is None:
-            config.lr = DEFAULT_LR.get(config.optimizer, 0.1)
-        if config.decay_steps is None:
-            config.decay_steps = config.steps
-        config.save_steps = sorted({int(s) for s in config.save_steps})
-        config.check()
-        return config
-
-    def check(self) -> None:
-        """One-line :class:`OptionError` for the first bad value."""
-        _choice("--optimizer", self.optimizer, OPTIMIZERS)
-        _choice("--schedule", self.schedule, SCHEDULES)
-        _choice("--fisher", self.fisher, FISHER_TYPES)
-        for name in ("steps", "batch_size", "factor_update_every", "inverse_update_every", "mc_samples",
-                     "factor_examples"):
-            _positive_int(name, getattr(self, name))
-        for name in ("examples", "save_every", "decay_steps"):
-            if getattr(self, name) is not None:
-                _positive_int(name, getattr(self, name))
-        _number("lr", self.lr, low=0.0, open_low=True)
-        _number("final_lr_factor", self.final_lr_factor, low=0.0, high=1.0)
-        _number("momentum", self.momentum, low=0.0, high=1.0, open_high=self.optimizer == "adam")
-        _number("beta2", self.beta2, low=0.0, high=1.0, open_high=True)
-        _number("eps", self.eps, low=0.0, open_low=True)
-        _number("weight_decay", self.weight_decay, low=0.0)
-        _number("damping", self.damping, low=0.0, open_low=True)
-        _number("factor_decay", self.factor_decay, low=0.0, high=1.0, open_high=True)
-        if self.kl_clip is not None:
-            _number("kl_clip", self.kl_clip, low=0.0, open_low=True)
-        if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.save_steps):
-            raise OptionError(f"--save-steps must be non-negative step numbers, got {self.save_steps}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise OptionError(f"--seed must be a non-negative integer, got {self.seed!r}")
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any], path: str) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        missing = sorted(f.name for f in dataclasses.fields(cls)
-                         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-                         and f.name not in data)
-        if unknown or missing:
-            what = f"unknown key {unknown[0]!r}" if unknown else f"missing key {missing[0]!r}"
-            raise CheckpointError(f"{path}: not a curvlab training config ({what})")
-        try:
-            return cls(**data).resolved()
-        except (TypeError, OptionError) as exc:
-            raise CheckpointError(f"{path}: bad training config ({exc})") from None
-
-
-def _choice(option: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise OptionError(f"{option} {value!r}: choose one of {', '.join(choices)}")
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise OptionError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-
-
-def _number(name: str, value: Any, *, low: float, high: float | None = None, open_low: bool = False,
-            open_high: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if open_low else value >= low) and (
-            high is None or (value < high if open_high else value <= high))
-    if not ok:
-        left = "(" if open_low else "["
-        right = ")" if open_high or high is None else "]"
-        raise OptionError(
-            f"--{name.replace('_', '-')} must be in {left}{low}, {'inf' if high is None else high}{right}, "
-            f"got {value!r}"
-        )
-
-
-# ------------------------------------------------------------------------------------ schedules
-
-
-def learning_rate(config: TrainConfig, t: int) -> float:
-    """``α(t)`` of seed F.3 for the update from step ``t`` to ``t + 1``.
-
-    ``constant``: ``α0``. ``linear-decay``: ``α0 − (1 − γ) α0 t / T_decay`` for ``t ≤ T_decay``, then
-    ``γ α0`` (``γ = final_lr_factor``, ``T_decay = decay_steps``).
-    """
-    lr0 = float(config.lr)
-    if config.schedule == "constant":
-        return lr0
-    decay = config.decay_steps or config.steps
-    gamma = config.final_lr_factor
-    if t <= decay:
-        return lr0 - (1 - gamma) * lr0 * t / decay
-    return gamma * lr0
-
-
-def save_steps(config: TrainConfig) -> list[int]:
-    """The steps whose factors and weights are saved: 0, every ``save_every``, ``save_steps``, the last."""
-    steps = {0, config.steps}
-    if config.save_every:
-        steps.update(range(0, config.steps + 1, config.save_every))
-    steps.update(s for s in config.save_steps if s <= config.steps)
-    return sorted(steps)
-
-
-# ------------------------------------------------------------------------------------ data order
-
-
-class BatchOrder:
-    """The examples of each step: epoch ``e`` is a permutation seeded by ``(seed, e)``, cut into
-    ``n // batch_size`` batches (the remainder of each epoch is left out, so batches are full)."""
-
-    def __init__(self, n: int, batch_size: int, seed: int) -> None:
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.per_epoch = n // batch_size
-        self._epoch: int | None = None
-        self._perm: Tensor | None = None
-
-    def indices(self, t: int) -> Tensor:
-        """The example indices of the update from step ``t`` to ``t + 1``."""
-        epoch, position = divmod(t, self.per_epoch)
-        if epoch != self._epoch:
-            seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
-            self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed))
-            self._epoch = epoch
-        start = position * self.batch_size
-        return self._perm[start : start + self.batch_size]
-
-
-def shard(total: int, rank: int, world_size: int) -> tuple[int, int]:
-    """``(offset, count)``: process ``rank``'s contiguous slice of a batch of ``total`` examples.
-
-    Cut like ``numpy.array_split``: the first ``total mod W`` processes take ``⌈total / W⌉`` examples,
-    the others ``⌊total / W⌋``, so the counts differ by at most one.
-    """
-    base, extra = divmod(total, world_size)
-    return rank * base + min(rank, extra), base + (1 if rank < extra else 0)
-
-
-def loss_scale(count: int, total: int, world_size: int) -> float:
-    """``W n_r / B``: the factor on process ``r``'s mean loss (over its ``n_r`` of the ``B`` examples).
-
-    With ``L_r = (1/n_r) Σ_{i ∈ r} ℓ_i``, DDP's average of the processes' gradients is
-    ``(1/W) Σ_r ∇(W n_r / B · L_r) = Σ_r (n_r / B) ∇L_r = ∇ (1/B) Σ_i ℓ_i``, the gradient of the whole
-    batch's mean loss; the average of the scaled losses is that mean loss. (Per example the loss is
-    the mean over its label locations, the same number for every example, so this holds per location.)
-    """
-    return world_size * count / total
-
-
-# ------------------------------------------------------------------------------------ optimizers
-
-
-class TorchOptimizer:
-    """``sgd``, ``momentum`` or ``adam`` behind the interface the loop uses (``lr``, ``train_step``).
-
-    ``model`` is what the forward pass calls: the model, or its ``DistributedDataParallel`` wrapper.
-    """
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model = model
-        self.optimizer = optimizer
-
-    @property
-    def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
-
-    @lr.setter
-    def lr(self, value: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = value
-
-    def train_step(
-        self, inputs: Tensor, labels: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor], *,
-        rows: tuple[int, int] | None = None,
-    ) -> Tensor:
-        """One update; ``rows`` (the slice of the batch, see :meth:`KFAC.backward`) draws nothing here."""
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(self.model(inputs), labels)
-        loss.backward()
-        self.optimizer.step()
-        return loss.detach()
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        try:
-            self.optimizer.load_state_dict(state)
-        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
-            raise CheckpointError(f"optimizer state does not fit ({_first_line(exc)})") from None
-
-    def close(self) -> None:
-        pass
-
-
-def make_optimizer(
-    config: TrainConfig, model: nn.Module, forward_module: nn.Module | None = None
-) -> KFAC | TorchOptimizer:
-    """The optimizer of F.4 named by ``config.optimizer`` (hyper-parameters from ``config``).
-
-    ``forward_module``: what the training forward pass calls (default ``model``; under ``torchrun`` its
-    ``DistributedDataParallel`` wrapper); K-FAC's hooks stay on ``model``.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    forward = model if forward_module is None else forward_module
-    if config.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
-        return TorchOptimizer(forward, opt)
-    if config.optimizer == "momentum":
-        opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
-                              weight_decay=config.weight_decay)
-        return TorchOptimizer(forward, opt)
-    if config.optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=config.lr, betas=(config.momentum, config.beta2), eps=config.eps,
-                               weight_decay=config.weight_decay)
-        return TorchOptimizer(forward, opt)
-    return KFAC(
-        model,
-        lr=config.lr,
-        damping=config.damping,
-        momentum=config.momentum,
-        factor_decay=config.factor_decay,
-        kl_clip=config.kl_clip,
-        factor_update_every=config.factor_update_every,
-        inverse_update_every=config.inverse_update_every,
-        fisher=config.fisher,
-        mc_samples=config.mc_samples,
-        weight_decay=config.weight_decay,
-        seed=config.seed,
-        forward_module=forward_module,
-    )
-
-
-# ------------------------------------------------------------------------------------ run folder
-
-
-def read_config(run_dir: str) -> TrainConfig | None:
-    """The run's stored :class:`TrainConfig` (``None`` if the folder has no config.json)."""
-    path = os.path.join(run_dir, CONFIG_FILE)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot read the run's config ({_first_line(exc)})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("train"), dict):
-        raise CheckpointError(f"{path}: not a curvlab training config (no 'train' object)")
-    return TrainConfig.from_json(data["train"], path)
-
-
-def _write_json(path: str, data: Any) -> None:
-    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2)
-        handle.write("\n")
-
-
-def _state_files(run_dir: str) -> dict[int, str]:
-    out = {}
-    for name in os.listdir(run_dir):
-        match = _STATE_NAME.match(name)
-        if match:
-            out[int(match.group(1))] = os.path.join(run_dir, name)
-    return out
-
-
-def _remove_stale_temps(run_dir: str) -> None:
-    """Temp files a killed writer left behind (``.<name>.tmp-<pid>-<hex>``, see curvlab.io.atomic)."""
-    for pattern in (f".{CHECKPOINT_FILE}.tmp-*", f".{CONFIG_FILE}.tmp-*", f".{METRICS_FILE}.tmp-*",
-                    ".state-*.pt.tmp-*"):
-        for path in glob.glob(os.path.join(glob.escape(run_dir), pattern)):
-            remove_quietly(path)
-
-
-def _complete_steps(path: str) -> list[int]:
-    if not os.path.exists(path):
-        return []
-    with CheckpointReader(path) as reader:
-        return reader.step_numbers()
-
-
-def _truncate_metrics(path: str, last_step: int) -> None:
-    """Keep the metric lines of steps ``<= last_step`` (drops a line cut short by a kill)."""
-    if not os.path.exists(path):
-        return
-    kept = []
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            step = record.get("step") if isinstance(record, dict) else None
-            if isinstance(step, int) and step <= last_step:
-                kept.append(json.dumps(record))
-    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
-        handle.writelines(line + "\n" for line in kept)
 
 
 # ------------------------------------------------------------------------------------ RNG
@@ -595,11 +261,6 @@ def _restore(run: _Run, step: int) -> None:
         raise CheckpointError(f"{path}: {exc}") from None
     _set_rng_state(state["rng"])
     run.elapsed = float(state.get("elapsed", 0.0))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
 
 
 def _start(config: TrainConfig, run_dir: str, resume: bool) -> int | None:

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from curvlab.analysis.gradcov import GradcovResult, _compared, numerical_floor
+from curvlab.analysis.gradcov_run import GradcovResult, _compared, numerical_floor
 from curvlab.plots import new_figure, save_figure
 
 
