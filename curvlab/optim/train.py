@@ -59,6 +59,7 @@ from torch import Tensor, nn
 from curvlab import distributed
 from curvlab.capture.factors import FactorSet, collect_factors, model_weights
 from curvlab.capture.loss import FISHER_TYPES
+from curvlab.choices import OPTIMIZERS, SCHEDULES  # defined without torch, for the command line's parsers
 from curvlab.errors import CheckpointError, CurvlabError, OptionError
 from curvlab.io.atomic import atomic_output, remove_quietly
 from curvlab.io.checkpoint import CheckpointReader, append_step
@@ -76,8 +77,6 @@ __all__ = [
     "train",
 ]
 
-OPTIMIZERS = ("sgd", "momentum", "adam", "kfac")
-SCHEDULES = ("constant", "linear-decay")
 #: Default initial learning rate per optimizer.
 DEFAULT_LR = {"sgd": 0.1, "momentum": 0.05, "adam": 1e-3, "kfac": 0.05}
 CONFIG_FILE, CHECKPOINT_FILE, METRICS_FILE = "config.json", "ckpt.h5", "metrics.jsonl"
