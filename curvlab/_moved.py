@@ -31,7 +31,17 @@ OLD_PATHS: dict[str, tuple[str, ...]] = {
     "curvlab.curvature": ("curvlab.analysis.curvature",),
     "curvlab.kfac": ("curvlab.optim.kfac",),
     "curvlab.train": ("curvlab.optim.train",),
-    "curvlab.cli": ("curvlab.commands",),
+    "curvlab.cli": (
+        "curvlab.commands",
+        "curvlab.commands.common",
+        "curvlab.commands.factors",
+        "curvlab.commands.info",
+        "curvlab.commands.spectrum",
+        "curvlab.commands.gradcov",
+        "curvlab.commands.fit",
+        "curvlab.commands.nqm",
+        "curvlab.commands.train",
+    ),
 }
 
 
