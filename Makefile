@@ -56,7 +56,7 @@ export CURVLAB_DEVICE  := $(DEVICE)
 export CURVLAB_DATA    := $(DATA)
 export CURVLAB_FIGURES := $(FIG)
 LIB    := $(wildcard curvlab/*.py curvlab/*/*.py curvlab/*/*/*.py) analyses/config.py
-NQMLIB := $(wildcard curvlab/nqm/*.py) curvlab/plots/nqm.py $(wildcard curvlab/commands/*.py) analyses/config.py analyses/nqm.py
+NQMLIB := $(wildcard curvlab/nqm/*.py) curvlab/plots/nqm.py curvlab/commands/__init__.py curvlab/commands/common.py curvlab/commands/nqm.py analyses/config.py analyses/nqm.py
 RUNS   := $(FIG)/data/runs
 FIGURE_PNGS := $(addprefix $(FIG)/,fig09.png fig10a.png fig10b.png fig11.png fig12.png fig13.png \
                fig14a.png fig14b.png fig14c.png fig15.png)

@@ -64,7 +64,17 @@ OLD_PATHS: dict[str, tuple[str, ...]] = {
         "curvlab.optim.optimizers",
         "curvlab.optim.runfolder",
     ),
-    "curvlab.cli": ("curvlab.commands",),
+    "curvlab.cli": (
+        "curvlab.commands",
+        "curvlab.commands.common",
+        "curvlab.commands.factors",
+        "curvlab.commands.info",
+        "curvlab.commands.spectrum",
+        "curvlab.commands.gradcov",
+        "curvlab.commands.fit",
+        "curvlab.commands.nqm",
+        "curvlab.commands.train",
+    ),
 }
 
 

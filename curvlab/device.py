@@ -6,9 +6,8 @@ import os
 
 import torch
 
+from curvlab.choices import DEVICE_CHOICES  # noqa: F401  (--device's choices, defined without torch)
 from curvlab.errors import OptionError
-
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(name: str) -> torch.device:

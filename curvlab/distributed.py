@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from curvlab.errors import CurvlabError, OptionError
+from curvlab.launch import launched  # read without torch, for the command line
 
 T = TypeVar("T")
 
@@ -74,14 +75,6 @@ class Context:
 
     def describe(self) -> str:
         return f"process {self.rank} of {self.world_size}"
-
-
-def launched() -> bool:
-    """Whether this process was started by ``torchrun`` (or by hand) as one of several."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1")) > 1
-    except ValueError:
-        return False
 
 
 def context() -> Context:

@@ -29,9 +29,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from curvlab.choices import FISHER_TYPES  # defined without torch, for the command line's parsers
 from curvlab.errors import OptionError
-
-FISHER_TYPES = ("empirical", "mc", "exact")
 
 
 def _one_hot_like(labels: Tensor, probs: Tensor) -> Tensor:

@@ -16,11 +16,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from curvlab.capture.loss import FISHER_TYPES
+from curvlab.choices import FISHER_TYPES, OPTIMIZERS, SCHEDULES  # defined without torch, for the parsers
 from curvlab.errors import CheckpointError, OptionError
 
-OPTIMIZERS = ("sgd", "momentum", "adam", "kfac")
-SCHEDULES = ("constant", "linear-decay")
 #: Default initial learning rate per optimizer.
 DEFAULT_LR = {"sgd": 0.1, "momentum": 0.05, "adam": 1e-3, "kfac": 0.05}
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from curvlab.choices import DATA_SOURCES  # noqa: F401  (defined without torch, for the command line's --help)
 from curvlab.errors import DataError
 from curvlab.io.data.cifar10 import CIFAR10_CLASSES as CIFAR10_CLASSES
 from curvlab.io.data.cifar10 import CIFAR10_FOLDERS as CIFAR10_FOLDERS
@@ -81,14 +82,6 @@ __all__ = [
 
 #: The data source forms, for error messages and listings.
 SOURCE_FORMS: tuple[str, ...] = ("digits", "cifar10:PATH", "npz:PATH", "pystdlib", "text:PATH")
-#: One line describing the data sources, for ``--help``.
-DATA_SOURCES = (
-    "digits (scikit-learn's bundled 8x8 digits, embedded), "
-    "cifar10:PATH (a CIFAR-10 folder, python-pickle or binary batches, or its parent), "
-    "npz:PATH (an .npz with arrays x and integer labels y), "
-    "pystdlib (token sequences of the running Python's standard-library sources, embedded), "
-    "text:PATH (token sequences of a UTF-8 text file)"
-)
 SPLITS: tuple[str, ...] = ("train", "test", "all")
 
 

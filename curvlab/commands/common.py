@@ -1,0 +1,93 @@
+"""What the commands share: the one-line error report, option types and output checks.
+
+A user error becomes one line ``curvlab: error: ...`` on stderr with exit status :data:`EXIT_USAGE`
+(2): :func:`_one_line` folds a message onto one line, :func:`_process_prefix` names the process under
+``torchrun`` and :func:`_one_line_parser_error` makes a sub-parser report its own errors the same way.
+Outputs are checked before any work (:func:`_check_writable`, :func:`_refuse_input_as_output`), and
+:func:`_write` turns an OS error while writing (missing folder, no permission, full disk) into one line.
+:func:`_positive_int` is the option type of counts; :func:`_add_model_options` adds ``--model`` and
+``--model-arg`` (``factors``, ``train``). Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from curvlab.choices import MODEL_NAMES
+from curvlab.errors import CurvlabError, OptionError
+from curvlab.io.atomic import same_file
+from curvlab.launch import launched
+
+EXIT_USAGE = 2
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _process_prefix(exc: BaseException) -> str:
+    """``process R of W: `` under torchrun (a distributed error names its process itself)."""
+    if not launched():
+        return ""
+    from curvlab.distributed import DistributedError  # imports torch: only under torchrun
+
+    if isinstance(exc, DistributedError):
+        return ""
+    return f"process {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')}: "
+
+
+def _one_line_parser_error(parser: argparse.ArgumentParser):
+    """``parser.error`` replacement: one line ``curvlab: error: ...`` and exit 2 (no usage block)."""
+
+    def error(message: str):
+        print(f"curvlab: error: {parser.prog}: {_one_line(message)}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+    return error
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _add_model_options(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    parser.add_argument(
+        "--model",
+        required=required,
+        choices=MODEL_NAMES,
+        help="model to build (with --weights: defaults to the checkpoint's model)",
+    )
+    parser.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model hyper-parameter, repeatable (e.g. widths=64,32)",
+    )
+
+
+def _check_writable(path: str) -> None:
+    """Fail before any work if the output's folder is missing or not writable."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise OptionError(f"{path}: cannot write: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise OptionError(f"{path}: cannot write: folder {folder} is not writable")
+
+
+def _write(writer, path: str) -> None:
+    """Run a writer, turning an OS error (missing folder, no permission, full disk) into one line."""
+    try:
+        writer()
+    except OSError as exc:
+        raise CurvlabError(f"{path}: cannot write: {exc.strerror or exc}") from None
+
+
+def _refuse_input_as_output(source: str, output: str, what: str = "-o") -> None:
+    if same_file(output, source):
+        raise OptionError(f"{output}: refusing to overwrite the input {source}; choose another {what}")

@@ -1,0 +1,144 @@
+"""``curvlab gradcov``: gradient variance against curvature along the K-FAC eigenbasis (seed E.2, Fig. 10).
+
+With the checkpoint's factors ``A = Q_A diag(λ_A) Q_A^T`` and ``S = Q_S diag(λ_S) Q_S^T``, direction
+``(i, j)`` of a layer is the weight perturbation ``v = Q_S[:, i] Q_A[:, j]^T`` with K-FAC eigenvalue
+``λ_S[i] λ_A[j]``. Every example's gradient is projected onto these directions, and direction by
+direction its variance ``Var_n(v^T g_n)`` is compared with the curvature ``v^T F v`` of the true Fisher
+(:mod:`curvlab.analysis.gradcov`): ``--curvature exact`` (one backward pass per class and label
+location), ``mc`` (sampled labels) or ``fvp`` (Fisher-vector products, :mod:`curvlab.analysis.curvature`,
+on the ``--directions`` checked directions only); ``auto`` is exact for up to 100 classes × label
+locations, else mc. The model is rebuilt from the checkpoint and run in float64 by default. Runs
+data-parallel under ``torchrun``; torch is imported only when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from curvlab.choices import DATA_SOURCES, DEVICE_CHOICES
+from curvlab.commands.common import _check_writable, _positive_int, _refuse_input_as_output, _write
+from curvlab.errors import OptionError
+from curvlab.io.atomic import derived_path
+
+
+def _add_gradcov(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "gradcov",
+        help="gradient variance vs curvature along the K-FAC eigenbasis (Fig. 10)",
+        description="Project every example's gradient onto the Kronecker-factored eigenbasis of the "
+        "checkpoint's factors and compare, direction by direction, the gradient variance with the "
+        "curvature v^T F v of the true Fisher (seed E.2).",
+    )
+    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--data", default=None, help=f"data source: {DATA_SOURCES} (default: the checkpoint's)")
+    p.add_argument("--examples", type=_positive_int, default=1024, help="training examples (default 1024)")
+    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--directions", type=int, default=4, help="jvp-checked directions per layer (default 4)")
+    p.add_argument(
+        "--curvature",
+        choices=("auto", "exact", "mc", "fvp"),
+        default="auto",
+        help="all-direction route (exact: one pass per class; mc: sampled labels) or fvp only on the "
+        "selected directions; auto = exact for up to 100 classes × label locations (tokens), else mc",
+    )
+    p.add_argument("--mc-samples", type=_positive_int, default=4)
+    p.add_argument("--layers", action="append", default=None, metavar="GLOB")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--dtype",
+        choices=("float64", "float32"),
+        default="float64",
+        help="model precision (default float64: the flattest directions' curvature is ~1e-20 of the "
+        "largest, below float32's resolution)",
+    )
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    p.add_argument("-o", "--output", default=None, metavar="OUT.h5", help="default: CKPT.gradcov.h5")
+    p.add_argument("--plot", default=None, metavar="P.png")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=run_gradcov)
+
+
+def run_gradcov(args: argparse.Namespace) -> int:
+    import fnmatch
+
+    import torch
+
+    from curvlab import distributed
+    from curvlab.analysis.gradcov_run import bases_from_checkpoint, run_gradcov, summarize, write_result
+    from curvlab.device import resolve_device
+    from curvlab.io.data import iterate_batches, load_dataset
+    from curvlab.io.restore import rebuild_model
+    from curvlab.models import data_options
+
+    ctx = distributed.context()
+    device = resolve_device(args.device)
+    output = args.output or derived_path(args.checkpoint, ".gradcov.h5")
+    _refuse_input_as_output(args.checkpoint, output)
+    if ctx.is_main:
+        _check_writable(output)
+        if args.plot:
+            _check_writable(args.plot)
+    if args.directions < 0:
+        raise OptionError(f"--directions must be >= 0, got {args.directions}")
+    model, source = rebuild_model(args.checkpoint, args.step)
+    distributed.check_same([source.step], f"{args.checkpoint}: the step")
+    data_spec = args.data or (source.config or {}).get("data", "digits")
+    options = data_options(source.model_name, (source.config or {}).get("args", {}))
+    data = load_dataset(data_spec, split="train", limit=args.examples, **options)
+    if len(data) < 2:
+        raise OptionError(f"--data {data_spec}: the gradient variance needs at least 2 examples")
+    layer_types = _checkpoint_layers(args.checkpoint, source.step)
+    skipped: list[dict[str, str]] = []  # every layer type is projected (the tied embedding included)
+    names = list(layer_types)
+    if args.layers:
+        names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in args.layers)]
+        if not names:
+            raise OptionError(f"{args.checkpoint}: no layer matches --layers {' '.join(args.layers)}")
+    bases = bases_from_checkpoint(args.checkpoint, source.step, names)
+    route = args.curvature
+    if route == "auto":  # exact: one backward pass per class and label location of an example
+        route = "exact" if data.num_classes * max(1, data.y[0].numel()) <= 100 else "mc"
+    dtype = getattr(torch, args.dtype)
+    model.to(device=device, dtype=dtype)
+    torch.manual_seed(args.seed)
+    batches = [
+        (x.to(dtype) if x.is_floating_point() else x, y) for x, y in iterate_batches(data, args.batch_size)
+    ]
+    distributed.barrier("checking the options")
+    result = run_gradcov(
+        model, batches, bases, route=route, directions=args.directions, mc_samples=args.mc_samples,
+        seed=args.seed, progress=not args.quiet,
+    )
+    if not ctx.is_main:
+        return 0
+    attrs = {"source": os.path.abspath(args.checkpoint), "step": source.step, "data": data_spec}
+    _write(lambda: write_result(output, result, attrs), output)
+    summary = summarize(result)
+    summary.update({"output": output, "step": source.step, "data": data_spec, "skipped_layers": skipped})
+    if args.plot:
+        from curvlab.plots.gradcov import plot_variance_vs_curvature
+
+        title = f"{source.model_name or 'model'}, step {source.step}, {summary['num_examples']} examples"
+        _write(lambda: plot_variance_vs_curvature(result, args.plot, title), args.plot)
+        summary["plot"] = args.plot
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(
+            f"wrote {output}: {summary['num_directions']} directions over {len(result.layers)} layers, "
+            f"curvature by {route}; Spearman(variance, curvature) = {summary['spearman']:.3f}, "
+            f"median |log10 ratio| = {summary['median_abs_log10_ratio']:.3f}"
+        )
+    return 0
+
+
+def _checkpoint_layers(path: str, step: int) -> dict[str, str]:
+    """Layer name -> module type of a checkpoint step."""
+    from curvlab.io.checkpoint import CheckpointReader
+
+    with CheckpointReader(path) as reader:
+        return {name: reader.layer_meta(step, name)[0] for name in reader.layer_names(step)}
