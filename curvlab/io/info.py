@@ -99,7 +99,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     """The human-readable table printed by ``curvlab info``."""
     model = summary["model"]
     lines = [
-        f"{summary['path']}: curvlab.optim.kfac v{summary['format_version']}"
+        f"{summary['path']}: curvlab.kfac v{summary['format_version']}"
         + (f", model {model['name']}" if model["name"] else ""),
     ]
     for step in summary["steps"]:
