@@ -14,6 +14,13 @@ import pytest
 from curvlab._moved import OLD_PATHS, _Forwarding
 
 
+def _fresh_python(code: str) -> str:
+    """Run ``code`` in a new interpreter (where no old path has been imported yet); its stdout."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 def test_each_old_path_warns_at_its_first_import():
     # a fresh interpreter, where none of the old paths has been imported yet
     code = (
@@ -27,9 +34,7 @@ def test_each_old_path_warns_at_its_first_import():
         "    out[old] = [str(w.message) for w in seen if w.category is DeprecationWarning]\n"
         "print(json.dumps(out))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    seen = json.loads(out.stdout)
+    seen = json.loads(_fresh_python(code))
     for old, targets in OLD_PATHS.items():
         assert seen[old] == [f"{old} moved to {targets[0]}; the old path will be removed in curvlab 0.3"]
 
@@ -67,5 +72,4 @@ def test_public_names_come_from_the_new_paths():
         "for name in curvlab.__all__:\n"
         "    getattr(curvlab, name)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
+    _fresh_python(code)
