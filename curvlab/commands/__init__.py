@@ -5,10 +5,10 @@ stderr, and turns a user error into one line ``curvlab: error: ...`` on stderr w
 
 One module per command, each with its parser (``_add_<command>``) and its runner (``run_<command>``):
 :mod:`~curvlab.commands.factors`, :mod:`~curvlab.commands.info`, :mod:`~curvlab.commands.spectrum`,
-:mod:`~curvlab.commands.gradcov`, :mod:`~curvlab.commands.fit`, :mod:`~curvlab.commands.nqm` and
-:mod:`~curvlab.commands.train`; what they share (the one-line error report, option types, output checks)
-is :mod:`~curvlab.commands.common`. This module holds :func:`main` (the console script, and
-``python -m curvlab``) and :func:`build_parser`.
+:mod:`~curvlab.commands.gradcov`, :mod:`~curvlab.commands.fit`, :mod:`~curvlab.commands.nqm`,
+:mod:`~curvlab.commands.train` and :mod:`~curvlab.commands.sweep`; what they share (the one-line
+error report, option types, output checks) is :mod:`~curvlab.commands.common`. This module holds
+:func:`main` (the console script, and ``python -m curvlab``) and :func:`build_parser`.
 
 Building the parsers imports no torch (the option choices come from :mod:`curvlab.choices`, whether
 this process runs under ``torchrun`` from :mod:`curvlab.launch`), and a command imports the library
@@ -30,6 +30,7 @@ from curvlab.commands.gradcov import _add_gradcov
 from curvlab.commands.info import _add_info
 from curvlab.commands.nqm import _add_nqm
 from curvlab.commands.spectrum import _add_spectrum
+from curvlab.commands.sweep import _add_sweep
 from curvlab.commands.train import _add_train
 from curvlab.errors import CurvlabError, OptionError
 from curvlab.launch import launched
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit(commands)
     _add_nqm(commands)
     _add_train(commands)
+    _add_sweep(commands)
     return parser
 
 

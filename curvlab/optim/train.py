@@ -78,10 +78,12 @@ __all__ = [
     "TrainConfig",
     "learning_rate",
     "loss_scale",
+    "prepare",
     "read_config",
     "save_steps",
     "shard",
     "train",
+    "updates",
 ]
 
 #: Options that may differ when a run is resumed (they change what is saved, not the trajectory).
@@ -158,12 +160,13 @@ class _Run:
         return iterate_batches(self.factor_data, self.config.batch_size)
 
 
-def _build(config: TrainConfig, run_dir: str, device: torch.device) -> _Run:
+def _build(config: TrainConfig, run_dir: str, device: torch.device, data: Any = None) -> _Run:
     from curvlab.io.data import load_dataset
     from curvlab.models import build_model, data_options, model_config
 
-    options = data_options(config.model, config.model_args)
-    data = load_dataset(config.data, split="train", limit=config.examples, **options)
+    if data is None:
+        options = data_options(config.model, config.model_args)
+        data = load_dataset(config.data, split="train", limit=config.examples, **options)
     if config.batch_size > len(data):
         raise OptionError(
             f"--batch-size {config.batch_size} exceeds the {len(data)} training examples of {config.data}"
@@ -347,27 +350,17 @@ def _loop(run: _Run, start: int | None, progress: bool) -> dict[str, Any]:
         _restore(run, start)
         if main:
             _truncate_metrics(metrics_path, start)
-    order = BatchOrder(len(run.data), config.batch_size, config.seed)
-    offset, count = run.shard
     last_loss: float | None = None
     clock = time.perf_counter() - run.elapsed
     bar = _progress_bar(config.steps, start, progress)
     with open(metrics_path, "a", encoding="utf-8") if main else contextlib.nullcontext() as metrics:
-        for t in range(start, config.steps):
-            lr = learning_rate(config, t)
-            run.optimizer.lr = lr
-            index = order.indices(t)[offset : offset + count]
-            inputs, labels = run.data.x[index].to(run.device), run.data.y[index].to(run.device)
-            with _collective(run, f"step {t + 1}"):
-                loss = run.optimizer.train_step(inputs, labels, run.loss_fn, rows=(offset, config.batch_size))
-            loss = _batch_loss(loss, run.ctx, f"step {t + 1}: adding up the batch loss")
-            _project_weights(run.model)
+        for t, loss, lr in updates(run, start):
             if not math.isfinite(loss):
-                raise CurvlabError(f"{run.run_dir}: step {t + 1}: the training loss is {loss} (diverged); "
+                raise CurvlabError(f"{run.run_dir}: step {t}: the training loss is {loss} (diverged); "
                                    "lower --lr or raise --damping")
             last_loss = loss
             run.elapsed = time.perf_counter() - clock
-            record: dict[str, Any] = {"step": t + 1, "loss": loss, "lr": lr, "time": round(run.elapsed, 4)}
+            record: dict[str, Any] = {"step": t, "loss": loss, "lr": lr, "time": round(run.elapsed, 4)}
             if isinstance(run.optimizer, KFAC) and run.optimizer.last_nu is not None:
                 record["nu"] = run.optimizer.last_nu
             if metrics is not None:
@@ -375,8 +368,8 @@ def _loop(run: _Run, start: int | None, progress: bool) -> dict[str, Any]:
                 metrics.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}")
-            if t + 1 in saves:
-                _save_step(run, t + 1)
+            if t in saves:
+                _save_step(run, t)
     bar.close()
     return {
         "run": run.run_dir,
@@ -389,6 +382,46 @@ def _loop(run: _Run, start: int | None, progress: bool) -> dict[str, Any]:
         "device": str(run.device),
         "seconds": round(run.elapsed, 3),
     }
+
+
+def updates(run: _Run, start: int = 0) -> Iterator[tuple[int, float, float]]:
+    """The updates of a run from step ``start`` to ``config.steps``, one at a time.
+
+    Each update from step ``t`` to ``t + 1`` sets the learning rate ``α(t)`` of seed F.3, trains on
+    the batch of step ``t`` (this process's slice of it under ``torchrun``), adds up the batch loss and
+    applies the models' weight projection; then it yields ``(t + 1, batch loss, α(t))``. The loss is
+    not checked: a non-finite value is the caller's to judge (``curvlab train`` stops with an error,
+    ``curvlab sweep`` records the trial as diverged). Both ``curvlab train`` and the trials of
+    ``curvlab sweep`` train through this generator.
+    """
+    config = run.config
+    order = BatchOrder(len(run.data), config.batch_size, config.seed)
+    offset, count = run.shard
+    for t in range(start, config.steps):
+        lr = learning_rate(config, t)
+        run.optimizer.lr = lr
+        index = order.indices(t)[offset : offset + count]
+        inputs, labels = run.data.x[index].to(run.device), run.data.y[index].to(run.device)
+        with _collective(run, f"step {t + 1}"):
+            loss = run.optimizer.train_step(inputs, labels, run.loss_fn, rows=(offset, config.batch_size))
+        loss = _batch_loss(loss, run.ctx, f"step {t + 1}: adding up the batch loss")
+        _project_weights(run.model)
+        yield t + 1, loss, lr
+
+
+def prepare(config: TrainConfig, device: torch.device | str = "cpu", data: Any = None) -> _Run:
+    """A run held in memory, ready for :func:`updates` from step 0: data, model (``config.seed``),
+    optimizer, and for K-FAC its factors estimated on the fixed factor set at the initial weights
+    (without side effects on the model's buffers or the RNG, as in ``curvlab train``). ``data``: the
+    training split already loaded (``load_dataset(config.data, split="train", limit=config.examples)``),
+    to skip loading it again. Nothing is written; the caller closes ``run.optimizer``. Used by
+    ``curvlab sweep``'s trials."""
+    config = config.resolved()
+    run = _build(config, "", torch.device(device), data)
+    if isinstance(run.optimizer, KFAC):
+        with _no_side_effects(run.model):
+            run.optimizer.initialize_factors(run.factor_batches())
+    return run
 
 
 def _collective(run: _Run, what: str) -> contextlib.AbstractContextManager:
