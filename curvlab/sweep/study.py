@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -80,12 +81,18 @@ def open_storage(url: str, heartbeat: int = DEFAULT_HEARTBEAT):
     engine: dict[str, Any] = {}
     if url.startswith("sqlite:"):
         engine = {"connect_args": {"timeout": 600}}  # workers wait for each other's writes
-    try:
-        return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
-    except Exception as exc:  # noqa: BLE001 (SQLAlchemy's, Optuna's: a bad URL, no driver, no server)
-        where = _redact(url)
-        raise OptionError(f"--storage {where}: cannot open the study database ({_first(exc)})") from None
+    for attempt in range(5):
+        try:
+            retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+            return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat,
+                              grace_period=2 * heartbeat, heartbeat_stale_trial_callback=retry)
+        except Exception as exc:  # noqa: BLE001 (SQLAlchemy's, Optuna's: a bad URL, no driver, no server)
+            if "already exists" in str(exc) and attempt < 4:
+                time.sleep(0.5)  # another process was creating the tables of a new database: open it again
+                continue
+            where = _redact(url)
+            raise OptionError(f"--storage {where}: cannot open the study database ({_first(exc)})") from None
+    raise AssertionError("unreachable")
 
 
 def _first(exc: BaseException) -> str:
@@ -259,6 +266,7 @@ def _objective(config: SweepConfig, optimizer: str, batch_size: int, device, dat
         fields = to_train_fields(params, config.max_steps)
         trial.set_user_attr("train", {k: v for k, v in fields.items()})
         trial.set_user_attr("seed", seed)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         result = run_trial(config, optimizer, batch_size, fields, seed, device=device, data=data)
         for key, value in result.to_attrs().items():
             trial.set_user_attr(key, value)
