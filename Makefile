@@ -12,7 +12,7 @@ else
 TORCH ?= torch==2.13.0
 endif
 
-.PHONY: install test test-all lint bench figures clean
+.PHONY: install test test-all lint bench figures sweeps clean
 .DELETE_ON_ERROR:
 
 install: $(STAMP)
@@ -59,7 +59,9 @@ LIB    := $(wildcard curvlab/*.py curvlab/*/*.py curvlab/*/*/*.py) analyses/conf
 NQMLIB := $(wildcard curvlab/nqm/*.py) curvlab/plots/nqm.py curvlab/commands/__init__.py curvlab/commands/common.py curvlab/commands/nqm.py analyses/config.py analyses/nqm.py
 RUNS   := $(FIG)/data/runs
 FIGURE_PNGS := $(addprefix $(FIG)/,fig09.png fig10a.png fig10b.png fig11.png fig12.png fig13.png \
-               fig14a.png fig14b.png fig14c.png fig15.png)
+               fig14a.png fig14b.png fig14c.png fig15.png sweep_mlp.png)
+SWEEPLIB := $(wildcard curvlab/sweep/*.py curvlab/optim/*.py curvlab/models/*.py) curvlab/analysis/scaling.py \
+            curvlab/plots/sweep.py curvlab/commands/sweep.py analyses/config.py analyses/sweep.py
 
 figures: $(FIG)/index.html
 
@@ -84,6 +86,17 @@ $(FIG)/fig14a.png $(FIG)/fig14b.png $(FIG)/fig14c.png &: $(NQMLIB) | $(STAMP)
 	$(BIN)/python -m analyses.nqm 14
 $(FIG)/fig15.png: $(NQMLIB) | $(STAMP)
 	$(BIN)/python -m analyses.nqm 15
+
+# The batch-size claims on a real network (analyses/sweep.py). The sweep's study database under
+# $(FIG)/data/sweeps/ is resumed, never redone: finished trials are reused when the figure is rebuilt.
+$(FIG)/sweep_%.png: $(SWEEPLIB) | $(STAMP)
+	$(BIN)/python -m analyses.sweep $*
+
+# `make sweeps`: the long sweeps of mlp and simple_cnn (batch sizes 4-1024, 16 trials, 3 seeds; hours on
+# 2 cores), into figures/full/ with the small scale's other settings.
+sweeps: | $(STAMP)
+	$(MAKE) --no-print-directory figures/full/sweep_mlp.png figures/full/sweep_simple_cnn.png SCALE=full \
+		FIG=figures/full
 
 $(FIG)/index.html: $(FIGURE_PNGS) analyses/index.py
 	$(BIN)/python -m analyses.index

@@ -43,6 +43,22 @@ SMALL = {
         "gradcov_directions": 2,  # the jvp cross-check through attention dominates the cost
     },
     "nqm_mode": "binned",
+    # The batch-size claims (analyses/sweep.py): mlp on digits, every optimizer, 4 batch sizes; a
+    # quasi-random search of 8 trials per (optimizer, batch size) and 2 fresh seeds for the best.
+    "sweeps": {
+        "mlp": {"model": "mlp", "data": "digits", "optimizers": "sgd,momentum,adam,kfac",
+                "batch_sizes": "8,32,128,512", "target": "loss=0.1", "trials": 8, "max_steps": 400,
+                "seeds": 2, "workers": 2},
+    },
+}
+
+# `make sweeps`: the longer sweeps of both models (hours on 2 cores; reused by `make figures SCALE=full`
+# through the same study databases).
+FULL_SWEEPS = {
+    name: {"model": model, "data": "digits", "optimizers": "sgd,momentum,adam,kfac",
+           "batch_sizes": "4,8,16,32,64,128,256,512,1024", "target": "loss=0.1", "trials": 16,
+           "max_steps": 3000, "seeds": 3, "workers": 2}
+    for name, model in (("mlp", "mlp"), ("simple_cnn", "simple_cnn"))
 }
 
 PAPER = {
@@ -67,6 +83,7 @@ PAPER = {
         "gradcov_directions": 2,
     },
     "nqm_mode": "exact",
+    "sweeps": FULL_SWEEPS,
 }
 
 # A miniature of the whole pipeline for the test suite: every step runs, on tiny sizes.
@@ -93,9 +110,16 @@ TINY = {
     },
     "nqm_mode": "binned",
     "nqm_args": ["--d", "1000", "--bins", "20"],
+    "sweeps": {
+        "mlp": {"model": "mlp", "data": "digits", "optimizers": "sgd,momentum,adam,kfac",
+                "batch_sizes": "16,64", "target": "loss=1.5", "trials": 2, "max_steps": 20, "seeds": 1,
+                "workers": 1, "model_args": ["widths=8"]},
+    },
 }
 
 SETTINGS: dict[str, Any] = {"paper": PAPER, "tiny": TINY}.get(SCALE, SMALL)
+if SCALE == "full":  # `make sweeps`: the small scale's figures with the full sweeps
+    SETTINGS = {**SMALL, "sweeps": FULL_SWEEPS}
 
 
 def run_curvlab(*argv: str) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from analyses.config import FIGURES, SCALE, write_json
+from analyses.sweep import page_entry as sweep_entry
 
 
 def _load(name: str) -> dict[str, Any] | None:
@@ -199,6 +200,7 @@ FIGURES_ON_PAGE = [
     ("fig14b", "Fig. 14b — optimal effective learning rate, momentum 0.9 (NQM)", lambda: fig14("b")),
     ("fig14c", "Fig. 14c — optimal effective learning rate, tuned momentum (NQM)", lambda: fig14("c")),
     ("fig15", "Fig. 15 — final rate of the piecewise-constant schedule (NQM)", fig15),
+    ("sweep_mlp", "Steps to target vs batch size, mlp on digits (curvlab sweep)", lambda: sweep_entry("mlp")),
 ]
 
 

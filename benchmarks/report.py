@@ -93,6 +93,18 @@ def distributed(d: dict) -> str:
     )
 
 
+def sweep(d: dict) -> str:
+    r = d["trials_per_hour"]
+    return (
+        f"| curvlab sweep: {d['work']} | 1 worker **{r['workers_1']:.0f}** trials/h, 2 workers "
+        f"**{r['workers_2']:.0f}** trials/h: scaling efficiency "
+        f"**{d['scaling_efficiency_2_workers']:.2f}** | "
+        f"trials without Optuna {r['direct']:.0f} trials/h: the study database costs "
+        f"{d['db_overhead_s_per_trial']:.3f} s per trial ({100 * d['db_overhead_share_of_trial']:.1f}% of a "
+        "trial) |"
+    )
+
+
 ROWS = {
     "factor_capture": factor_capture,
     "spectrum": spectrum,
@@ -100,6 +112,7 @@ ROWS = {
     "nqm_sweep": nqm_sweep,
     "train_step": train_step,
     "distributed": distributed,
+    "sweep": sweep,
 }
 
 
