@@ -112,6 +112,12 @@ def run_train(args: argparse.Namespace) -> int:
         given["kl_clip"] = None
     stored = read_config(args.output) if args.resume and os.path.isdir(args.output) else None
     if stored is not None:
+        from curvlab.optim.train import RESUMABLE_CHANGES
+
+        for name, value in given.items():  # before the merged options are checked as a whole
+            if name not in RESUMABLE_CHANGES and value != getattr(stored, name):
+                raise OptionError(f"{args.output}: --resume with {name.replace('_', '-')}={value!r} but the "
+                                  f"run was started with {getattr(stored, name)!r}")
         options = {**stored.to_json(), **given}
     else:
         for name in ("model", "steps"):
