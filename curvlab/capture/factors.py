@@ -212,7 +212,7 @@ class FactorAccumulator:
     K-FAC optimizer does, so that one forward pass serves both the training loss and the factor
     statistics::
 
-        logits = acc.forward(inputs)                       # hooks record Σ a a^T and the outputs
+        logits = acc.forward(inputs, labels=labels)        # hooks record Σ a a^T and the outputs
         acc.accumulate_output_factors(logits, labels, retain_graph=True)   # Σ g g^T per Fisher sample
         loss_fn(logits, labels).backward()                 # the training gradient, same graph
 
