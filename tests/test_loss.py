@@ -162,21 +162,22 @@ def test_exact_passes_skip_what_counts_nowhere(name):
 
 @pytest.mark.parametrize("name", CASES)
 def test_mc_gives_the_hessian_within_monte_carlo_error(name):
-    """The mean of ``u u^T`` over 20,000 draws is within 5 standard errors (measured from the draws,
+    """The mean of ``u u^T`` over 8,000 draws is within 5 standard errors (measured from the draws,
     per entry) of torch.func's Hessian, for all 900 entries at once (a 5σ miss has probability ~6e-7
-    per entry). Logits of scale 0.7 keep every class probability above ~2 %: a class drawn a handful of
-    times in 20,000 makes the sample SE of its products unreliable (heavy tails), which is the test's
-    limit, not the estimator's."""
+    per entry; measured over the five losses: median |error| / SE 0.64-0.73, as for a normal's 0.67,
+    largest 3.6 with 20,000 draws). Logits of scale 0.7 keep every class probability above ~2 %: a
+    class drawn a handful of times makes the sample SE of its products unreliable (heavy tails), which
+    is the test's limit, not the estimator's."""
     loss, logits, labels, reference = _case(name, seed=1, scale=0.7)
     hessians = torch.stack([hessian(reference)(logits[n], labels[n]).reshape(15, 15) for n in range(4)])
-    draws = 20_000
+    draws = 8_000
     gen = torch.Generator().manual_seed(2)
     outer = torch.stack([_flat_outer(u) for u, w in logit_gradient_samples(
         logits, labels, "mc", loss=loss, mc_samples=draws, generator=gen)])
     mean, se = outer.mean(0), outer.std(0) / draws**0.5
     assert torch.all((mean - hessians).abs() <= 5 * se + 1e-12)
     # the estimate is informative: the SE is small against the Hessian's scale
-    assert float(se.max()) < 0.05 * float(hessians.abs().max())
+    assert float(se.max()) < 0.03 * float(hessians.abs().max())
 
 
 @pytest.mark.parametrize("name", ["mse", "bce", "ce_ignore"])
