@@ -45,9 +45,9 @@ each, refused above :data:`EXACT_PASS_LIMIT` per batch.
   exactly ``F``.
 
 Monte-Carlo draws are taken for the whole batch at once (uniforms for categorical and Bernoulli labels
-by inverse CDF, normals for the Gaussian), so a process holding rows ``offset … offset + n`` of a larger
-batch can draw the batch's and keep its rows, getting the labels a single process would
-(``rows=(offset, total)``, :func:`batch_uniforms`).
+by inverse CDF, normals for the Gaussian; :mod:`curvlab.capture.sampling`), so a process holding rows
+``offset … offset + n`` of a larger batch can draw the batch's and keep its rows, getting the labels a
+single process would (``rows=(offset, total)``).
 
 Bad inputs are one-line errors before any number is made (:meth:`Loss.check`): non-finite logits,
 logits of shape ``(N,)`` or a 1-output head under cross-entropy (softmax over one class has zero
@@ -67,8 +67,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from curvlab.capture.sampling import batch_normals, batch_uniforms, sample_categorical
 from curvlab.choices import FISHER_TYPES, LOSS_NAMES  # defined without torch, for the command line
 from curvlab.errors import CheckpointError, DataError, OptionError
+
+__all__ = [
+    "EXACT_PASS_LIMIT", "FISHER_TYPES", "LOSS_NAMES", "BinaryCrossEntropy", "CrossEntropy", "Loss",
+    "MeanSquaredError", "batch_normals", "batch_uniforms", "exact_passes", "logit_gradient_samples",
+    "loss_from_attrs", "loss_hessian", "make_loss", "sample_categorical",
+]
 
 #: The most backward passes per batch the exact Fisher may ask for (columns of the Hessian's square root).
 EXACT_PASS_LIMIT = 4096
@@ -553,59 +560,6 @@ def exact_passes(logits_shape: torch.Size | tuple[int, ...], loss: Loss | None =
     """Backward passes of the exact Fisher for logits ``(B, ...)`` when every label counts: ``C ×
     locations`` for cross-entropy (the default), the output values per example for mse and bce."""
     return (CrossEntropy() if loss is None else loss).exact_passes(logits_shape)
-
-
-def batch_uniforms(
-    shape: torch.Size | tuple[int, ...],
-    samples: int,
-    rows: tuple[int, int] | None,
-    generator: torch.Generator | None,
-    device: torch.device,
-) -> Tensor:
-    """``U[0, 1)`` draws (float64) of shape ``(samples, *shape)`` for the examples ``rows`` of a batch.
-
-    ``shape = (n, *rest)``; ``rows = (offset, total)`` draws ``(samples, total, *rest)`` and keeps
-    ``[:, offset : offset + n]``: the uniforms of example ``i`` of the batch are the same whoever
-    draws them.
-    """
-    offset, total = _rows(shape[0], rows)
-    full = torch.rand((samples, total, *shape[1:]), generator=generator, dtype=torch.float64, device=device)
-    return full[:, offset : offset + shape[0]]
-
-
-def batch_normals(
-    shape: torch.Size | tuple[int, ...],
-    samples: int,
-    rows: tuple[int, int] | None,
-    generator: torch.Generator | None,
-    device: torch.device,
-) -> Tensor:
-    """Standard normal draws (float64), ``(samples, *shape)``, for the rows of a batch as in
-    :func:`batch_uniforms`."""
-    offset, total = _rows(shape[0], rows)
-    full = torch.randn((samples, total, *shape[1:]), generator=generator, dtype=torch.float64, device=device)
-    return full[:, offset : offset + shape[0]]
-
-
-def _rows(n: int, rows: tuple[int, int] | None) -> tuple[int, int]:
-    offset, total = (0, n) if rows is None else rows
-    if offset < 0 or offset + n > total:
-        raise ValueError(f"rows {offset}..{offset + n} do not fit a batch of {total} examples")
-    return offset, total
-
-
-def sample_categorical(probs: Tensor, uniforms: Tensor) -> Tensor:
-    """Labels ``ŷ ~ Categorical(p)`` by inverse CDF: ``ŷ = #{c : P_c <= u P}``, clamped to ``C - 1``.
-
-    ``probs`` ``(..., C)``, uniforms ``u ~ U[0, 1)`` of shape ``(...)``. With the cumulative sums
-    ``P_c = p_0 + … + p_c`` (float64, ``P_{-1} = 0``) and their total ``P = P_{C-1}``, ``ŷ = c`` exactly
-    when ``P_{c-1} <= u P < P_c``, which has probability ``p_c / P``: the categorical distribution of
-    the given probabilities, renormalised by their rounded total (so a class of probability 0 is not
-    drawn). The clamp catches ``u P`` rounding up to ``P`` (``u`` within ``2^-53`` of 1).
-    """
-    cdf = probs.to(torch.float64).cumsum(-1)
-    threshold = (uniforms * cdf[..., -1]).unsqueeze(-1)
-    return (cdf <= threshold).sum(-1).clamp_max(probs.shape[-1] - 1)
 
 
 def loss_hessian(logits: Tensor) -> Tensor:
