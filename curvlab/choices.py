@@ -6,8 +6,8 @@ yet building the parsers needs the valid values of ``--model``, ``--device``, ``
 the module that gives it meaning imports it from here and keeps exporting it under its old name:
 
 * :data:`DEVICE_CHOICES` — :mod:`curvlab.device` (``auto`` = CUDA when a GPU is visible, else the CPU);
-* :data:`FISHER_TYPES` — :mod:`curvlab.capture.loss` (empirical, Monte-Carlo and exact Fisher: the
-  logit-gradient vectors whose outer products are the loss Hessian's square root);
+* :data:`FISHER_TYPES`, :data:`LOSS_NAMES` — :mod:`curvlab.capture.loss` (empirical, Monte-Carlo and exact
+  Fisher: the logit-gradient vectors whose outer products are the loss Hessian's square root; the losses);
 * :data:`DATA_SOURCES` — :mod:`curvlab.io.data` (the spec strings of the data sets);
 * :data:`OPTIMIZERS`, :data:`SCHEDULES` — :mod:`curvlab.optim.train` (the schedules of seed F.3).
 
@@ -23,6 +23,10 @@ MODEL_NAMES: tuple[str, ...] = ("mlp", "resnet32", "resnet8", "simple_cnn", "tra
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 FISHER_TYPES = ("empirical", "mc", "exact")
+
+#: The losses of ``--loss`` (:mod:`curvlab.capture.loss`): softmax cross-entropy, squared error, binary
+#: cross-entropy with logits.
+LOSS_NAMES = ("cross-entropy", "mse", "bce")
 
 #: One line describing the data sources, for ``--help``.
 DATA_SOURCES = (

@@ -284,7 +284,7 @@ def test_mc_is_reproducible_by_seed_and_varies_with_it():
     c = collect_factors(model, [(x, y)], fisher="mc", mc_samples=2, seed=8)
     np.testing.assert_array_equal(a["2"].S, b["2"].S)
     assert not np.array_equal(a["2"].S, c["2"].S)
-    assert a.attrs == {"mc_samples": 2}
+    assert a.attrs == {"mc_samples": 2, "loss": "cross-entropy"}
 
 
 def test_float32_accumulation_and_metadata():

@@ -1,14 +1,19 @@
 """Curvature along chosen weight directions: ``v^T F v`` from Jacobian-vector products.
 
-For softmax cross-entropy the true Fisher equals the generalised Gauss-Newton matrix,
-``F = (1/N) Σ_n J_n^T H_n J_n`` with ``J_n`` the Jacobian of example ``n``'s logits w.r.t. the
-parameters and ``H_n = diag(p_n) − p_n p_n^T`` the Hessian of the loss at the logits (summed over the
-example's locations). A Fisher/GGN-vector product (Schraudolph 2002) is ``J^T H J v`` — a jvp and a
-vjp — but the quadratic form needs only the forward half:
+For every loss of :mod:`curvlab.capture.loss` the true Fisher equals the generalised Gauss-Newton
+matrix, ``F = (1/N) Σ_n J_n^T H_n J_n`` with ``J_n`` the Jacobian of example ``n``'s logits w.r.t. the
+parameters and ``H_n`` the Hessian of its loss at the logits (block diagonal over the example's
+locations): ``diag(p) − pp^T`` per location for softmax cross-entropy, ``2I`` for squared error,
+``diag(σ(1 − σ))`` for binary cross-entropy. A Fisher/GGN-vector product (Schraudolph 2002) is
+``J^T H J v`` — a jvp and a vjp — but the quadratic form needs only the forward half:
 
-    v^T F v = (1/N) Σ_n u_n^T H_n u_n = (1/N) Σ_n [Σ_c p_c u_c² − (Σ_c p_c u_c)²],   u_n = J_n v,
+    v^T F v = (1/N) Σ_n u_n^T H_n u_n,     u_n = J_n v
+            (cross-entropy: u^T H u = Σ_c p_c u_c² − (Σ_c p_c u_c)² per location),
 
 one forward-mode pass (``torch.func.jvp``) per direction and batch, with no backward pass at all.
+Labels equal to the loss's ``ignore_index`` add nothing, and ``N`` counts the examples with a counted
+label (:meth:`curvlab.capture.loss.Loss.quadratic_form`, :meth:`~curvlab.capture.loss.Loss.num_examples`).
+The model is run through the :class:`~curvlab.capture.task.Task` (tuple or dict inputs, dict outputs).
 Where an operation has no forward-mode derivative (PyTorch's fused attention on the CPU, for one),
 ``J v`` is taken by the double-backward identity ``J v = ∂/∂w [w ↦ ⟨J^T w, v⟩]`` instead: two
 reverse passes, same numbers.
@@ -22,6 +27,7 @@ moves the one shared Parameter, in both of its uses.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +36,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvlab import distributed
 from curvlab.capture.layers import adapter_for
+from curvlab.capture.task import Task, batch_context, default_task
 
 
 def split_weight_matrix(module: nn.Module, matrix: Tensor) -> dict[str, Tensor]:
@@ -42,10 +49,11 @@ def split_weight_matrix(module: nn.Module, matrix: Tensor) -> dict[str, Tensor]:
 
 
 def quadratic_form_at_logits(logits: Tensor, u: Tensor) -> Tensor:
-    """``Σ_locations u^T (diag(p) − p p^T) u``, per example (logits ``(B, ..., C)``)."""
-    p = torch.softmax(logits, dim=-1)
-    per_location = (p * u * u).sum(-1) - (p * u).sum(-1) ** 2
-    return per_location.reshape(per_location.shape[0], -1).sum(-1)
+    """``Σ_locations u^T (diag(p) − p p^T) u``, per example (logits ``(B, ..., C)``): softmax
+    cross-entropy's; other losses: :meth:`curvlab.capture.loss.Loss.quadratic_form`."""
+    from curvlab.capture.loss import CrossEntropy
+
+    return CrossEntropy().quadratic_form(logits, u)
 
 
 def _jvp_reverse(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]):
@@ -64,13 +72,17 @@ def directional_curvature(
     model: nn.Module,
     layer: str,
     directions: Sequence[Tensor],
-    batches: Iterable[tuple[Tensor, Tensor]],
+    batches: Iterable[Any],
+    *,
+    task: Task | None = None,
 ) -> Tensor:
     """``v^T F v`` of the true Fisher (= GGN) for each ``m × n`` direction of ``layer`` (float64).
 
-    Under ``torchrun`` each process takes every ``world_size``-th batch and the sums are all-reduced
-    (:mod:`curvlab.distributed`); every process returns the mean over all the data.
+    ``batches`` and ``task`` as in :func:`curvlab.capture.factors.collect_factors` (the labels only
+    mark ignored ones). Under ``torchrun`` each process takes every ``world_size``-th batch and the sums
+    are all-reduced (:mod:`curvlab.distributed`); every process returns the mean over all the data.
     """
+    task = default_task(task)
     module = model.get_submodule(layer)
     device = next(model.parameters()).device
     names = _parameter_names(model, layer, module)
@@ -86,10 +98,15 @@ def directional_curvature(
     # Fused attention kernels have neither forward-mode nor double-backward derivatives; the math
     # kernel is made of ordinary differentiable operations.
     with sdpa_kernel(SDPBackend.MATH):
-        for _, (inputs, _) in distributed.my_batches(batches):
-            logits_of = logits_of_factory(model, params, names, inputs.to(device))
-            forward_mode = _accumulate_batch(logits_of, primals, tangents, totals, forward_mode)
-            count += inputs.shape[0]
+        for k, batch in distributed.my_batches(batches):
+            with batch_context(k):
+                inputs, labels = task.split_batch(batch)
+                inputs, labels = task.move(inputs, device), task.move(labels, device)
+                logits_of = logits_of_factory(model, params, names, inputs, task)
+                forward_mode, examples = _accumulate_batch(
+                    logits_of, primals, tangents, totals, forward_mode, task.loss, labels
+                )
+            count += examples
     counts = torch.tensor([count], dtype=torch.int64, device=device)
     distributed.all_reduce_sum([totals, counts], f"adding up the curvature of layer {layer}")
     return totals / int(counts.item())
@@ -110,18 +127,38 @@ def _parameter_names(model: nn.Module, layer: str, module: nn.Module) -> dict[st
     }
 
 
-def logits_of_factory(model: nn.Module, params: dict, names: dict, inputs: Tensor) -> Callable[..., Tensor]:
+class _TaskModel(nn.Module):
+    """``inputs -> logits`` through the task, as one module (so ``functional_call`` can swap its
+    parameters, which it names ``model.<name>``)."""
+
+    def __init__(self, model: nn.Module, task: Task) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task
+
+    def forward(self, inputs: Any) -> Tensor:
+        return self.task.forward(self.model, inputs)
+
+
+def logits_of_factory(
+    model: nn.Module, params: dict, names: dict, inputs: Any, task: Task | None = None
+) -> Callable[..., Tensor]:
     """``layer params -> logits`` on ``inputs`` with every other parameter fixed."""
+    wrapped = _TaskModel(model, default_task(task))
 
     def logits_of(*layer_params: Tensor) -> Tensor:
         replaced = dict(params, **dict(zip(names.values(), layer_params, strict=True)))
-        return functional_call(model, replaced, (inputs,))
+        return functional_call(wrapped, {f"model.{k}": v for k, v in replaced.items()}, (inputs,))
 
     return logits_of
 
 
-def _accumulate_batch(logits_of, primals, tangents, totals: Tensor, forward_mode: bool) -> bool:
-    """Add ``Σ_n u_n^T H_n u_n`` of one batch for every direction; returns whether jvp still works."""
+def _accumulate_batch(
+    logits_of, primals, tangents, totals: Tensor, forward_mode: bool, loss: Any, labels: Any
+) -> tuple[bool, int]:
+    """Add ``Σ_n u_n^T H_n u_n`` of one batch for every direction; returns whether jvp still works and
+    the batch's number of examples (with a counted label)."""
+    examples = 0
     for k, tangent in enumerate(tangents):
         if forward_mode:
             try:
@@ -130,5 +167,8 @@ def _accumulate_batch(logits_of, primals, tangents, totals: Tensor, forward_mode
                 forward_mode = False  # an operation without a forward-mode derivative
         if not forward_mode:
             logits, u = _jvp_reverse(logits_of, primals, tangent)
-        totals[k] += quadratic_form_at_logits(logits.double(), u.double()).sum()
-    return forward_mode
+        if k == 0:  # the same logits for every direction: check them and count the examples once
+            labels = loss.check(logits, labels)
+            examples = loss.num_examples(logits, labels)
+        totals[k] += loss.quadratic_form(logits.double(), u.double(), labels).sum()
+    return forward_mode, examples

@@ -16,6 +16,11 @@ and ``[T, n]``). Accumulated over examples, in float64:
   (:mod:`curvlab.capture.loss`) → the curvature ``v^T F v`` of the true Fisher (= GGN) for every direction at
   once, since ``v^T F v = (1/N) Σ_n Σ_u w_u (u^T J_n v)²`` and ``u^T J_n v = c_{n,u}``.
 
+The loss (softmax cross-entropy, squared error or binary cross-entropy) and the way a batch goes into
+the model are the :class:`~curvlab.capture.task.Task`'s. ``N`` counts the examples with a counted
+label: one whose labels all equal the loss's ``ignore_index`` has ``c_n = 0`` on every pass and is not
+an example of the mean, the variance or the curvature.
+
 Contraction order, per layer, from its shapes (``T`` locations, ``m`` outputs, ``n`` inputs with the
 bias, ``P`` backward passes per batch):
 
@@ -56,6 +61,8 @@ from curvlab import distributed
 from curvlab.capture import layers as layer_math
 from curvlab.capture.factors import FactorSource, select_layers
 from curvlab.capture.loss import logit_gradient_samples
+from curvlab.capture.task import Task, batch_context, default_task
+from curvlab.errors import OptionError
 
 CHUNK_BYTES = 32 * 2**20
 CURVATURE_ROUTES = ("exact", "mc")
@@ -153,8 +160,9 @@ class KFEProjector:
     """Hooks that accumulate KFE coefficient statistics of every layer in ``bases``.
 
     Use as a context manager; call :meth:`add_batch` per batch, then :meth:`statistics`.
-    ``curvature`` is ``None`` (gradients only), ``"exact"`` (one extra backward pass per class) or
-    ``"mc"`` (``mc_samples`` sampled labels).
+    ``curvature`` is ``None`` (gradients only), ``"exact"`` (one extra backward pass per column of the
+    loss Hessian's square root) or ``"mc"`` (``mc_samples`` sampled labels). ``task``: how inputs go in,
+    the logits and the loss (:class:`~curvlab.capture.task.Task`; default softmax cross-entropy).
     """
 
     def __init__(
@@ -165,11 +173,13 @@ class KFEProjector:
         curvature: str | None = "exact",
         mc_samples: int = 1,
         generator: torch.Generator | None = None,
+        task: Task | None = None,
     ) -> None:
         if curvature is not None and curvature not in CURVATURE_ROUTES:
             raise ValueError(f"curvature route must be one of {CURVATURE_ROUTES}, got {curvature!r}")
         sources = _sources(model, list(bases))
         self.model = model
+        self.task = default_task(task)
         self.curvature = curvature
         self.mc_samples = mc_samples
         self.generator = generator
@@ -212,20 +222,23 @@ class KFEProjector:
 
         return hook
 
-    def add_batch(self, inputs: Tensor, labels: Tensor) -> None:
-        """Forward one batch; accumulate gradient statistics and (if asked) curvature."""
+    def add_batch(self, inputs: Any, labels: Tensor) -> None:
+        """Forward one batch (the task's inputs); accumulate gradient statistics and (if asked) curvature."""
         self._recording = True
         try:
-            logits = self.model(inputs)
+            logits = self.task.forward(self.model, inputs)
         finally:
             self._recording = False
+        loss = self.task.loss
         try:
-            passes = [(u, w, False) for u, w in logit_gradient_samples(logits, labels, "empirical")]
+            empirical = logit_gradient_samples(logits, labels, "empirical", loss=loss)
+            passes = [(u, w, False) for u, w in empirical]
             if self.curvature is not None:
                 passes += [
                     (u, w, True)
                     for u, w in logit_gradient_samples(
-                        logits, None, self.curvature, mc_samples=self.mc_samples, generator=self.generator
+                        logits, labels, self.curvature, loss=loss, mc_samples=self.mc_samples,
+                        generator=self.generator,
                     )
                 ]
             self._prepare_inputs(len(passes))
@@ -238,7 +251,7 @@ class KFEProjector:
                 sums.inputs.clear()
                 sums.outputs.clear()
                 sums.roles.clear()
-        self.num_examples += inputs.shape[0]
+        self.num_examples += loss.num_examples(logits, labels)
 
     def _prepare_inputs(self, passes: int) -> None:
         """Project the inputs once per batch where the contraction order wants ``Â = a Q_A``."""
@@ -295,7 +308,9 @@ class KFEProjector:
         """Mean, unbiased variance, second moment and curvature of every direction of every layer."""
         n = self.num_examples
         if n < 2:
-            raise ValueError("the gradient variance needs at least two examples")
+            raise OptionError(
+                f"the gradient variance needs two or more examples with a counted label, got {n}"
+            )
         result = {}
         for name, (_, _, basis, sums) in self.layers.items():
             mean = sums.sum_c / n
@@ -449,31 +464,40 @@ def _tied_coefficients(
 
 def project_gradients(
     model: nn.Module,
-    batches: Iterable[tuple[Tensor, Tensor]],
+    batches: Iterable[Any],
     bases: Mapping[str, LayerBasis],
     *,
     curvature: str | None = "exact",
     mc_samples: int = 1,
     seed: int = 0,
     progress: bool = False,
+    task: Task | None = None,
 ) -> dict[str, DirectionStatistics]:
     """KFE statistics of every layer in ``bases`` over ``batches`` (see the module docstring).
+
+    ``batches`` yields batches that ``task`` splits into inputs and labels (default ``(x, y)`` pairs
+    and softmax cross-entropy; :class:`~curvlab.capture.task.Task`).
 
     Monte-Carlo labels of batch ``k`` are drawn with the seed ``(seed, k)``; under ``torchrun`` each
     process takes every ``world_size``-th batch and the sums are all-reduced once at the end
     (:mod:`curvlab.distributed`), so every process returns the statistics of all the data.
     """
+    task = default_task(task)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
-    projector = KFEProjector(model, bases, curvature=curvature, mc_samples=mc_samples, generator=generator)
+    projector = KFEProjector(
+        model, bases, curvature=curvature, mc_samples=mc_samples, generator=generator, task=task
+    )
     ctx = distributed.context()
     if progress and ctx.is_main:
         from tqdm import tqdm
 
         batches = tqdm(batches, desc="gradcov", unit="batch", leave=False)
     with projector:
-        for k, (inputs, labels) in distributed.my_batches(batches, ctx):
+        for k, batch in distributed.my_batches(batches, ctx):
             generator.manual_seed(distributed.batch_seed(seed, k))
-            projector.add_batch(inputs.to(device), labels.to(device))
+            with batch_context(k):
+                inputs, labels = task.split_batch(batch)
+                projector.add_batch(task.move(inputs, device), task.move(labels, device))
     projector.reduce()
     return projector.statistics()

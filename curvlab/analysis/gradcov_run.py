@@ -4,9 +4,10 @@ direction of the Kronecker-factored eigenbasis, cross-checked, summarised and wr
 * :func:`bases_from_checkpoint`: the KFE (:class:`~curvlab.analysis.gradcov.LayerBasis`) of every layer
   of a checkpoint step, read layer by layer;
 * :func:`run_gradcov`: the all-direction statistics of :func:`~curvlab.analysis.gradcov.project_gradients`
-  (curvature by route ``exact``, ``mc``, or ``fvp``: gradients only), plus ``v^T F v`` by forward-mode
-  jvp (:func:`curvlab.analysis.curvature.directional_curvature`) on ``directions`` directions per layer
-  spread over its K-FAC eigenvalue range (:func:`select_directions`);
+  (curvature by route ``exact``, ``mc``, or ``fvp``: gradients only; ``auto``: :func:`auto_route`), plus
+  ``v^T F v`` by forward-mode jvp (:func:`curvlab.analysis.curvature.directional_curvature`) on
+  ``directions`` directions per layer spread over its K-FAC eigenvalue range (:func:`select_directions`),
+  all with the task's loss (:class:`~curvlab.capture.task.Task`);
 * :func:`summarize`: the JSON summary — Spearman rank correlation and median ``|log10(variance /
   curvature)|`` per layer and overall, over the directions where both exceed the numerical floor
   ``NULL_FLOOR ×`` the largest curvature (:func:`numerical_floor`; the others are counted), and the
@@ -23,10 +24,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from curvlab.analysis.curvature import directional_curvature
 from curvlab.analysis.gradcov import DirectionStatistics, LayerBasis, project_gradients
+from curvlab.capture.task import Task, batch_context, default_task
+
+#: ``--curvature auto`` takes the exact route up to this many backward passes per batch.
+AUTO_EXACT_PASSES = 100
 
 
 def select_directions(kfac_eigenvalues: np.ndarray, count: int) -> list[tuple[int, int]]:
@@ -66,9 +71,23 @@ def bases_from_checkpoint(path: str, step: int, layers: Sequence[str] | None = N
         return bases
 
 
+def auto_route(model: nn.Module, batches: Sequence[Any], task: Task | None = None) -> str:
+    """``exact`` when the exact Fisher of the task's loss takes at most :data:`AUTO_EXACT_PASSES`
+    backward passes per batch (classes × label locations for cross-entropy, output values per example
+    for mse and bce, read off the logits of the first batch), else ``mc``."""
+    task = default_task(task)
+    if not batches:
+        return "exact"
+    device = next(model.parameters()).device
+    with batch_context(0), torch.no_grad():
+        inputs, _ = task.split_batch(batches[0])
+        logits = task.forward(model, task.move(inputs, device))
+    return "exact" if task.loss.exact_passes(logits.shape) <= AUTO_EXACT_PASSES else "mc"
+
+
 def run_gradcov(
     model: nn.Module,
-    batches: Sequence[tuple[Tensor, Tensor]],
+    batches: Sequence[Any],
     bases: Mapping[str, LayerBasis],
     *,
     route: str,
@@ -76,12 +95,18 @@ def run_gradcov(
     mc_samples: int = 1,
     seed: int = 0,
     progress: bool = False,
+    task: Task | None = None,
 ) -> GradcovResult:
-    """All-direction statistics (curvature by ``route``: exact, mc or fvp-only) plus jvp curvature
-    on ``directions`` directions per layer spread over the K-FAC eigenvalue range."""
+    """All-direction statistics (curvature by ``route``: exact, mc, fvp-only or auto) plus jvp
+    curvature on ``directions`` directions per layer spread over the K-FAC eigenvalue range, with the
+    loss of ``task`` (default softmax cross-entropy)."""
+    task = default_task(task)
+    if route == "auto":
+        route = auto_route(model, batches, task)
     all_route = None if route == "fvp" else route
     stats = project_gradients(
-        model, batches, bases, curvature=all_route, mc_samples=mc_samples, seed=seed, progress=progress
+        model, batches, bases, curvature=all_route, mc_samples=mc_samples, seed=seed, progress=progress,
+        task=task,
     )
     selected, fvp = {}, {}
     for name, layer_stats in stats.items():
@@ -90,7 +115,8 @@ def run_gradcov(
         vectors = [torch.outer(basis.Q_S[:, i], basis.Q_A[:, j]) for i, j in picks]
         selected[name] = picks
         fvp[name] = (
-            directional_curvature(model, name, vectors, batches).cpu().numpy() if picks else np.zeros(0)
+            directional_curvature(model, name, vectors, batches, task=task).cpu().numpy()
+            if picks else np.zeros(0)
         )
     return GradcovResult(stats, selected, fvp, route)
 

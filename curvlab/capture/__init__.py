@@ -2,8 +2,11 @@
 
 * :mod:`curvlab.capture.layers` — one adapter per module type, turning a layer's inputs ``a`` and output
   gradients ``g`` into the normal form ``[batch, locations, features]``; the layer math written once.
-* :mod:`curvlab.capture.loss` — the Fisher types (empirical, Monte-Carlo, exact): the logit-gradient
-  vectors whose outer products are the loss Hessian's square root.
+* :mod:`curvlab.capture.loss` — the losses (softmax cross-entropy, squared error, binary cross-entropy)
+  and their Fisher types (empirical, Monte-Carlo, exact): the logit-gradient vectors whose outer
+  products are the Fisher, the exact ones the columns of the loss Hessian's square root; the
+  Monte-Carlo draws of a whole batch are :mod:`curvlab.capture.sampling`.
+* :mod:`curvlab.capture.task` — how a batch goes into the model and where its logits are.
 * :mod:`curvlab.capture.factors` — hooks and accumulation: ``A = E[a a^T]``, ``S = E[g g^T]`` per layer.
 
 Imports go down only: capture uses :mod:`curvlab.io` to write checkpoints, never the analyses.

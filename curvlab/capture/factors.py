@@ -14,15 +14,20 @@ of a Linear layer are treated like convolution locations. For one example at one
 pre-softmax Linear (eq. 16) is one ``TiedEmbedding`` entry whose V-side ``S`` (diagonal) and d-side
 ``A`` pool the rank-one terms of both uses (docs/factors.md, "Tied embedding").
 
-The gradients ``g`` come from the Fisher type (:mod:`curvlab.capture.loss`): the true label (``empirical``),
-``k`` labels sampled from the model (``mc``, each weighted ``1/k``) or the columns of the square root
-of the softmax cross-entropy Hessian (``exact``, one backward pass per class). They are taken with
+The gradients ``g`` come from the Fisher type of the task's loss (:mod:`curvlab.capture.loss`: softmax
+cross-entropy by default, squared error, binary cross-entropy): the true label (``empirical``), ``k``
+labels sampled from the model (``mc``, each weighted ``1/k``) or the columns of the square root of the
+loss Hessian (``exact``, one backward pass per column). How a batch goes into the model and where its
+logits are is the :class:`~curvlab.capture.task.Task`'s to say. They are taken with
 ``torch.autograd.grad`` with respect to the hooked layers' *outputs*, so no parameter gradient and no
 per-example gradient is ever formed: the cost is one forward pass plus one backward pass per Fisher
 sample, plus the two covariance products per layer.
 
 The sums are accumulated (in float64 by default) and divided by ``N`` at the end, so the result does
-not depend on how the data was split into batches. The model is used as it is (call ``model.eval()``
+not depend on how the data was split into batches. ``N`` counts the examples with at least one counted
+label: an example whose labels all equal the loss's ``ignore_index`` adds nothing to ``S`` (its logit
+gradients are 0), and its inputs are left out of ``A`` too (the forward hooks select the batch rows of
+the examples that count). The model is used as it is (call ``model.eval()``
 first if it has dropout); examples must not interact within a batch (no batch-norm in train mode).
 """
 
@@ -41,6 +46,7 @@ from torch import Tensor, nn
 from curvlab import distributed
 from curvlab.capture import layers as layer_math
 from curvlab.capture.loss import FISHER_TYPES, logit_gradient_samples
+from curvlab.capture.task import Task, batch_context, default_task
 from curvlab.errors import OptionError
 from curvlab.io.checkpoint import LayerFactors, Step, append_step, save
 
@@ -206,12 +212,13 @@ class FactorAccumulator:
     K-FAC optimizer does, so that one forward pass serves both the training loss and the factor
     statistics::
 
-        logits = acc.forward(inputs)                       # hooks record Σ a a^T and the outputs
+        logits = acc.forward(inputs, labels=labels)        # hooks record Σ a a^T and the outputs
         acc.accumulate_output_factors(logits, labels, retain_graph=True)   # Σ g g^T per Fisher sample
         loss_fn(logits, labels).backward()                 # the training gradient, same graph
 
     :meth:`factors` returns the means as a :class:`FactorSet`; :meth:`means` as tensors and
-    :meth:`reset` starts new sums.
+    :meth:`reset` starts new sums. ``task`` (:class:`~curvlab.capture.task.Task`) says how inputs go into
+    the model, where the logits are and what the loss is (default: ``model(x)``, softmax cross-entropy).
     """
 
     def __init__(
@@ -223,12 +230,15 @@ class FactorAccumulator:
         layers: Sequence[str] | None = None,
         dtype: torch.dtype = torch.float64,
         generator: torch.Generator | None = None,
+        task: Task | None = None,
     ) -> None:
         if fisher not in FISHER_TYPES:
             raise OptionError(f"unknown Fisher type {fisher!r}; choose one of {FISHER_TYPES}")
         if mc_samples < 1:
             raise OptionError(f"mc_samples must be at least 1, got {mc_samples}")
         self.model = model
+        self.task = default_task(task)
+        self.loss = self.task.loss
         self.fisher = fisher
         self.mc_samples = mc_samples
         self.dtype = dtype
@@ -242,11 +252,12 @@ class FactorAccumulator:
                 self.layers[name] = _LayerState(source, adapter)
         self._handles: list[Any] = []
         self._recording = False
+        self._rows: Tensor | None = None  # the batch rows that count (None: all)
 
     def __enter__(self) -> FactorAccumulator:
-        for state in self.layers.values():
+        for name, state in self.layers.items():
             for module, role in state.targets():
-                self._handles.append(module.register_forward_hook(self._forward_hook(state, role)))
+                self._handles.append(module.register_forward_hook(self._forward_hook(name, state, role)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -254,34 +265,54 @@ class FactorAccumulator:
             handle.remove()
         self._handles.clear()
 
-    def _forward_hook(self, state: _State, role: str):
+    def _forward_hook(self, name: str, state: _State, role: str):
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             if self._recording:
-                state.on_forward(role, module, inputs[0].detach(), output, self.dtype)
+                x = inputs[0].detach()
+                if self._rows is not None:
+                    if x.shape[0] != self._rows.shape[0]:
+                        raise OptionError(
+                            f"layer {name}: its input's first dimension ({x.shape[0]}) is not the batch "
+                            f"({self._rows.shape[0]}): cannot leave out the examples whose labels are all "
+                            "ignored"
+                        )
+                    x = x[self._rows]
+                state.on_forward(role, module, x, output, self.dtype)
 
         return hook
 
-    def forward(self, inputs: Tensor, *, record: bool = True, module: nn.Module | None = None) -> Tensor:
-        """``model(inputs)``; with ``record`` the hooks add the batch's ``Σ a a^T`` and keep the
-        layer outputs for :meth:`accumulate_output_factors`, which must be called next.
+    def forward(
+        self, inputs: Any, *, record: bool = True, module: nn.Module | None = None,
+        labels: Tensor | None = None,
+    ) -> Tensor:
+        """The logits of ``inputs`` (through the task); with ``record`` the hooks add the batch's
+        ``Σ a a^T`` and keep the layer outputs for :meth:`accumulate_output_factors`, which must be
+        called next.
 
         ``module``: what to call instead of the model, e.g. its ``DistributedDataParallel`` wrapper
-        (the hooks sit on the model's own layers, so they fire either way and keep their names)."""
-        self._recording = record
+        (the hooks sit on the model's own layers, so they fire either way and keep their names).
+        ``labels``: when given, the examples whose labels are all ignored (the loss's ``ignore_index``)
+        are left out of ``Σ a a^T`` and of the example count (without them every example counts)."""
+        keep = None if labels is None else self.loss.example_mask(labels)
+        if keep is not None:
+            record = record and bool(keep.any())
+            keep = None if bool(keep.all()) else keep
+        self._recording, self._rows = record, keep
         try:
-            logits = (self.model if module is None else module)(inputs)
+            logits = self.task.forward(self.model if module is None else module, inputs)
         except BaseException:
             self._end_batch()
             raise
         finally:
-            self._recording = False
+            self._recording, self._rows = False, None
         if record:
-            self.num_examples += inputs.shape[0]
+            self.num_examples += int(logits.shape[0]) if keep is None else int(keep.sum())
         return logits
 
-    def add_batch(self, inputs: Tensor, labels: Tensor | None) -> Tensor:
-        """Forward one batch, accumulate ``A`` and ``S`` of every layer; returns the logits."""
-        logits = self.forward(inputs)
+    def add_batch(self, inputs: Any, labels: Tensor | None) -> Tensor:
+        """Forward one batch (the task's inputs), accumulate ``A`` and ``S`` of every layer; returns the
+        logits."""
+        logits = self.forward(inputs, labels=labels)
         self.accumulate_output_factors(logits, labels)
         return logits.detach()
 
@@ -306,8 +337,8 @@ class FactorAccumulator:
                 raise ValueError("a hooked layer's output does not require grad (frozen weights?)")
             samples = list(
                 logit_gradient_samples(
-                    logits, labels, self.fisher, mc_samples=self.mc_samples, generator=self.generator,
-                    rows=rows,
+                    logits, labels, self.fisher, loss=self.loss, mc_samples=self.mc_samples,
+                    generator=self.generator, rows=rows,
                 )
             )
             for k, (u, weight) in enumerate(samples):
@@ -387,6 +418,7 @@ class FactorAccumulator:
                 _mean(state.S_sum, self.num_examples).cpu().numpy(),
             )
         attrs = {"mc_samples": self.mc_samples} if self.fisher == "mc" else {}
+        attrs.update(self.loss.to_attrs())
         return FactorSet(result, fisher_type=self.fisher, num_examples=self.num_examples, attrs=attrs)
 
 
@@ -455,7 +487,7 @@ class FactorSet(Mapping[str, LayerFactors]):
 
 def collect_factors(
     model: nn.Module,
-    batches: Iterable[tuple[Tensor, Tensor]],
+    batches: Iterable[Any],
     *,
     fisher: str = "mc",
     mc_samples: int = 1,
@@ -463,31 +495,39 @@ def collect_factors(
     dtype: torch.dtype = torch.float64,
     seed: int = 0,
     progress: bool = False,
+    task: Task | None = None,
 ) -> FactorSet:
     """K-FAC factors ``A`` and ``S`` of every Linear/Conv2d/Embedding layer of ``model`` over ``batches``.
 
     A weight tied between an Embedding and a Linear is one ``TiedEmbedding`` entry (docs/factors.md).
 
-    ``batches`` yields ``(inputs, labels)``; they are moved to the device of the model's parameters.
+    ``batches`` yields batches (e.g. a ``DataLoader``): ``(inputs, labels)`` pairs by default, split,
+    fed to the model and read back by ``task`` (:class:`~curvlab.capture.task.Task`: tuple/dict inputs,
+    dict or ``.logits`` outputs, and the loss — softmax cross-entropy by default, ``MeanSquaredError``,
+    ``BinaryCrossEntropy``); every tensor is moved to the device of the model's parameters.
     ``fisher`` is ``"empirical"``, ``"mc"`` (``mc_samples`` labels per example, sampled with ``seed``)
     or ``"exact"``; ``layers`` are fnmatch globs of module paths (default: all supported layers);
-    ``dtype`` is the accumulator precision. Returns a :class:`FactorSet`.
+    ``dtype`` is the accumulator precision. Returns a :class:`FactorSet` whose ``attrs`` record the loss.
 
     The Monte-Carlo labels of batch ``k`` are drawn with the seed ``(seed, k)``
     (:func:`curvlab.distributed.batch_seed`). Under ``torchrun`` each process takes every
     ``world_size``-th batch and the sums are all-reduced at the end, so every process returns the
     factors of all the data, equal to the single-process ones up to the order of additions.
     """
+    task = default_task(task)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
     accumulator = FactorAccumulator(
-        model, fisher=fisher, mc_samples=mc_samples, layers=layers, dtype=dtype, generator=generator
+        model, fisher=fisher, mc_samples=mc_samples, layers=layers, dtype=dtype, generator=generator,
+        task=task,
     )
     ctx = distributed.context()
     with accumulator:
-        for k, (inputs, labels) in distributed.my_batches(_progress(batches, progress and ctx.is_main), ctx):
+        for k, batch in distributed.my_batches(_progress(batches, progress and ctx.is_main), ctx):
             generator.manual_seed(distributed.batch_seed(seed, k))
-            accumulator.add_batch(inputs.to(device), labels.to(device))
+            with batch_context(k):
+                inputs, labels = task.split_batch(batch)
+                accumulator.add_batch(task.move(inputs, device), task.move(labels, device))
     accumulator.reduce()
     return accumulator.factors()
 

@@ -15,8 +15,8 @@ import argparse
 import os
 import sys
 
-from curvlab.choices import MODEL_NAMES
-from curvlab.errors import CurvlabError, OptionError
+from curvlab.choices import LOSS_NAMES, MODEL_NAMES
+from curvlab.errors import CurvlabError, DataError, OptionError
 from curvlab.io.atomic import same_file
 from curvlab.launch import launched
 
@@ -69,6 +69,34 @@ def _add_model_options(parser: argparse.ArgumentParser, *, required: bool) -> No
         metavar="KEY=VALUE",
         help="model hyper-parameter, repeatable (e.g. widths=64,32)",
     )
+
+
+def _add_loss_options(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--loss``, ``--ignore-index``, ``--label-smoothing`` (``factors``, ``gradcov``, ``train``);
+    ``default`` says in ``--help`` what an omitted ``--loss`` means for the command."""
+    parser.add_argument("--loss", choices=LOSS_NAMES, default=None,
+                        help=f"the loss of the logits, hence the Fisher (default: {default}): softmax "
+                        "cross-entropy, mse (squared error, Gaussian) or bce (binary cross-entropy with "
+                        "logits, Bernoulli per output)")
+    parser.add_argument("--ignore-index", type=int, default=None, metavar="N",
+                        help="cross-entropy: labels equal to N (e.g. -100, padding) count nowhere (default: "
+                        "none; -100 labels are then an error)")
+    parser.add_argument("--label-smoothing", type=float, default=None, metavar="EPS",
+                        help="cross-entropy: label smoothing in [0, 1] (default: the model's own, else 0; "
+                        "it changes only the empirical Fisher)")
+
+
+def _loss_given(args: argparse.Namespace) -> bool:
+    return any(getattr(args, k) is not None for k in ("loss", "ignore_index", "label_smoothing"))
+
+
+def _on_data(spec: str, work):
+    """``work()``, with a :class:`DataError` about a batch (a label the loss refuses) prefixed with the
+    data source ``spec``."""
+    try:
+        return work()
+    except DataError as exc:
+        raise DataError(f"{spec}: {exc}") from None
 
 
 def _check_writable(path: str) -> None:

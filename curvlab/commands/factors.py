@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING
 
 from curvlab.choices import DATA_SOURCES, DEVICE_CHOICES, FISHER_TYPES
 from curvlab.commands.common import (
+    _add_loss_options,
     _add_model_options,
     _check_writable,
+    _on_data,
     _positive_int,
     _refuse_input_as_output,
     _write,
@@ -47,6 +49,7 @@ def _add_factors(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=256)
     p.add_argument("--fisher", choices=FISHER_TYPES, default="mc", help="Fisher type (default: mc)")
     p.add_argument("--mc-samples", type=_positive_int, default=1, help="labels sampled per example (mc)")
+    _add_loss_options(p, "cross-entropy; with --weights, the checkpoint step's")
     p.add_argument("--weights", metavar="CKPT", help="take the model's weights from this checkpoint")
     p.add_argument("--step", type=int, default=None, help="step of --weights (default: the latest)")
     p.add_argument("--layers", action="append", default=None, metavar="GLOB", help="layers to capture")
@@ -69,6 +72,7 @@ def run_factors(args: argparse.Namespace) -> int:
 
     from curvlab import distributed
     from curvlab.capture.factors import collect_factors, save_factors
+    from curvlab.capture.task import Task
     from curvlab.device import resolve_device
     from curvlab.io.data import iterate_batches, load_dataset
     from curvlab.io.restore import load_weights
@@ -103,8 +107,9 @@ def run_factors(args: argparse.Namespace) -> int:
             raise OptionError(f"--as-step must be a non-negative step number, got {args.as_step}")
         step = args.as_step
     model.to(device).eval()
+    task = Task(_loss(args, model, source))
     distributed.barrier("checking the options")
-    factors = collect_factors(
+    factors = _on_data(data_spec, lambda: collect_factors(
         model,
         iterate_batches(data, args.batch_size),
         fisher=args.fisher,
@@ -113,7 +118,8 @@ def run_factors(args: argparse.Namespace) -> int:
         dtype=getattr(torch, args.dtype),
         seed=args.seed,
         progress=not args.quiet,
-    )
+        task=task,
+    ))
     if not ctx.is_main:
         return 0
     config = model_config(name, data.input_shape, data.num_classes, model_args)
@@ -136,6 +142,8 @@ def run_factors(args: argparse.Namespace) -> int:
         "model": name,
         "data": data_spec,
         "fisher_type": factors.fisher_type,
+        "loss": task.loss.name,
+        "loss_options": task.loss.options(),
         "num_examples": factors.num_examples,
         "device": str(device),
         "layers": [
@@ -148,9 +156,31 @@ def run_factors(args: argparse.Namespace) -> int:
     else:
         print(
             f"wrote {args.output}: step {step}, {len(factors)} layers of {name}, "
-            f"{factors.num_examples} examples of {data_spec}, fisher={factors.fisher_type}"
+            f"{factors.num_examples} examples of {data_spec}, fisher={factors.fisher_type}, "
+            f"loss={task.loss.describe()}"
         )
     return 0
+
+
+def _loss(args: argparse.Namespace, model, source: StepWeights | None):
+    """The loss of ``--loss``/``--ignore-index``/``--label-smoothing``; without them, the loss the
+    ``--weights`` step records (its model's training loss), else softmax cross-entropy with the model's
+    own label smoothing."""
+    from curvlab.capture.loss import loss_from_attrs, make_loss
+    from curvlab.commands.common import _loss_given
+    from curvlab.io.checkpoint import CheckpointReader
+
+    if source is not None and not _loss_given(args):
+        with CheckpointReader(source.path) as reader:
+            attrs = reader.step_attrs(source.step)
+        if "loss" in attrs:
+            return loss_from_attrs(attrs, f"{source.path}: step {source.step}")
+    name = args.loss or "cross-entropy"
+    smoothing = args.label_smoothing
+    if smoothing is None:
+        smoothing = float(getattr(model, "label_smoothing", 0.0) or 0.0) if name == "cross-entropy" else 0.0
+    return make_loss(name, ignore_index=args.ignore_index, label_smoothing=smoothing)
+
 
 
 def _default_data(name: str, model_args: dict, source: StepWeights | None) -> str:

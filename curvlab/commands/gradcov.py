@@ -6,8 +6,10 @@ With the checkpoint's factors ``A = Q_A diag(λ_A) Q_A^T`` and ``S = Q_S diag(λ
 direction its variance ``Var_n(v^T g_n)`` is compared with the curvature ``v^T F v`` of the true Fisher
 (:mod:`curvlab.analysis.gradcov`): ``--curvature exact`` (one backward pass per class and label
 location), ``mc`` (sampled labels) or ``fvp`` (Fisher-vector products, :mod:`curvlab.analysis.curvature`,
-on the ``--directions`` checked directions only); ``auto`` is exact for up to 100 classes × label
-locations, else mc. The model is rebuilt from the checkpoint and run in float64 by default. Runs
+on the ``--directions`` checked directions only); ``auto`` is exact for up to 100 backward passes per
+batch (classes × label locations), else mc. Every route uses the loss the checkpoint step records (its
+factors were made with it; ``--loss`` and its options for files that record none, softmax
+cross-entropy by default). The model is rebuilt from the checkpoint and run in float64 by default. Runs
 data-parallel under ``torchrun``; torch is imported only when the command runs.
 """
 
@@ -18,7 +20,15 @@ import json
 import os
 
 from curvlab.choices import DATA_SOURCES, DEVICE_CHOICES
-from curvlab.commands.common import _check_writable, _positive_int, _refuse_input_as_output, _write
+from curvlab.commands.common import (
+    _add_loss_options,
+    _check_writable,
+    _loss_given,
+    _on_data,
+    _positive_int,
+    _refuse_input_as_output,
+    _write,
+)
 from curvlab.errors import OptionError
 from curvlab.io.atomic import derived_path
 
@@ -45,6 +55,7 @@ def _add_gradcov(commands: argparse._SubParsersAction) -> None:
         "selected directions; auto = exact for up to 100 classes × label locations (tokens), else mc",
     )
     p.add_argument("--mc-samples", type=_positive_int, default=4)
+    _add_loss_options(p, "the loss the checkpoint step records, else cross-entropy")
     p.add_argument("--layers", action="append", default=None, metavar="GLOB")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -68,7 +79,14 @@ def run_gradcov(args: argparse.Namespace) -> int:
     import torch
 
     from curvlab import distributed
-    from curvlab.analysis.gradcov_run import bases_from_checkpoint, run_gradcov, summarize, write_result
+    from curvlab.analysis.gradcov_run import (
+        auto_route,
+        bases_from_checkpoint,
+        run_gradcov,
+        summarize,
+        write_result,
+    )
+    from curvlab.capture.task import Task
     from curvlab.device import resolve_device
     from curvlab.io.data import iterate_batches, load_dataset
     from curvlab.io.restore import rebuild_model
@@ -99,26 +117,27 @@ def run_gradcov(args: argparse.Namespace) -> int:
         if not names:
             raise OptionError(f"{args.checkpoint}: no layer matches --layers {' '.join(args.layers)}")
     bases = bases_from_checkpoint(args.checkpoint, source.step, names)
-    route = args.curvature
-    if route == "auto":  # exact: one backward pass per class and label location of an example
-        route = "exact" if data.num_classes * max(1, data.y[0].numel()) <= 100 else "mc"
+    task = Task(_checkpoint_loss(args, source.step))
     dtype = getattr(torch, args.dtype)
     model.to(device=device, dtype=dtype)
     torch.manual_seed(args.seed)
-    batches = [
-        (x.to(dtype) if x.is_floating_point() else x, y) for x, y in iterate_batches(data, args.batch_size)
-    ]
+    batches = [Task.move(batch, dtype=dtype) for batch in iterate_batches(data, args.batch_size)]
     distributed.barrier("checking the options")
-    result = run_gradcov(
+    route = args.curvature
+    if route == "auto":  # exact: at most 100 backward passes per batch (classes × label locations)
+        route = _on_data(data_spec, lambda: auto_route(model, batches, task))
+    result = _on_data(data_spec, lambda: run_gradcov(
         model, batches, bases, route=route, directions=args.directions, mc_samples=args.mc_samples,
-        seed=args.seed, progress=not args.quiet,
-    )
+        seed=args.seed, progress=not args.quiet, task=task,
+    ))
     if not ctx.is_main:
         return 0
-    attrs = {"source": os.path.abspath(args.checkpoint), "step": source.step, "data": data_spec}
+    attrs = {"source": os.path.abspath(args.checkpoint), "step": source.step, "data": data_spec,
+             **task.loss.to_attrs()}
     _write(lambda: write_result(output, result, attrs), output)
     summary = summarize(result)
-    summary.update({"output": output, "step": source.step, "data": data_spec, "skipped_layers": skipped})
+    summary.update({"output": output, "step": source.step, "data": data_spec, "loss": task.loss.name,
+                    "loss_options": task.loss.options(), "skipped_layers": skipped})
     if args.plot:
         from curvlab.plots.gradcov import plot_variance_vs_curvature
 
@@ -134,6 +153,38 @@ def run_gradcov(args: argparse.Namespace) -> int:
             f"median |log10 ratio| = {summary['median_abs_log10_ratio']:.3f}"
         )
     return 0
+
+
+def _checkpoint_loss(args: argparse.Namespace, step: int):
+    """The loss the checkpoint step records (a file without one: ``--loss`` and its options, else
+    softmax cross-entropy). Options that disagree with the recorded loss are an error: the factors, and
+    so the eigenbasis, were made with it."""
+    from curvlab.capture.loss import loss_from_attrs, make_loss
+    from curvlab.io.checkpoint import CheckpointReader
+
+    with CheckpointReader(args.checkpoint) as reader:
+        attrs = reader.step_attrs(step)
+    where = f"{args.checkpoint}: step {step}"
+    recorded = loss_from_attrs(attrs, where)
+    if not _loss_given(args):
+        return recorded
+    base = recorded if "loss" in attrs else make_loss()
+    name = args.loss or base.name
+    same = name == base.name
+    options = {
+        "ignore_index": args.ignore_index if args.ignore_index is not None
+        else (getattr(base, "ignore_index", None) if same else None),
+        "label_smoothing": args.label_smoothing if args.label_smoothing is not None
+        else (getattr(base, "label_smoothing", 0.0) if same else 0.0),
+    }
+    given = make_loss(name, **options)
+    if "loss" in attrs and given != recorded:
+        raise OptionError(
+            f"{where}: the factors were made with loss {recorded.describe()}; --loss and its options say "
+            f"{given.describe()} (leave them out to use the recorded one)"
+        )
+    return given
+
 
 
 def _checkpoint_layers(path: str, step: int) -> dict[str, str]:

@@ -16,15 +16,15 @@ import json
 import os
 
 from curvlab.choices import DATA_SOURCES, DEVICE_CHOICES, FISHER_TYPES, OPTIMIZERS, SCHEDULES
-from curvlab.commands.common import _add_model_options, _positive_int
+from curvlab.commands.common import _add_loss_options, _add_model_options, _positive_int
 from curvlab.errors import OptionError
 
 #: ``curvlab train`` options that map one-to-one onto ``curvlab.optim.train.TrainConfig`` fields.
 _TRAIN_FIELDS = (
     "model", "data", "examples", "optimizer", "steps", "batch_size", "lr", "schedule", "decay_steps",
     "final_lr_factor", "momentum", "beta2", "eps", "weight_decay", "damping", "kl_clip", "factor_decay",
-    "factor_update_every", "inverse_update_every", "fisher", "mc_samples", "factor_examples", "save_every",
-    "save_steps", "seed",
+    "factor_update_every", "inverse_update_every", "fisher", "mc_samples", "loss", "ignore_index",
+    "label_smoothing", "factor_examples", "save_every", "save_steps", "seed",
 )
 
 
@@ -61,6 +61,7 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--inverse-update-every", type=_positive_int, default=None, help="kfac (default: 10)")
     p.add_argument("--fisher", choices=FISHER_TYPES, default=None, help="Fisher type of the factors (mc)")
     p.add_argument("--mc-samples", type=_positive_int, default=None, help="labels per example for mc (1)")
+    _add_loss_options(p, "cross-entropy; the training loss is its torch mean")
     p.add_argument("--factor-examples", type=_positive_int, default=None,
                    help="size of the fixed factor set (default: 512, at most the training set)")
     p.add_argument("--save-every", type=_positive_int, default=None, metavar="K", help="save every K steps")
@@ -111,6 +112,12 @@ def run_train(args: argparse.Namespace) -> int:
         given["kl_clip"] = None
     stored = read_config(args.output) if args.resume and os.path.isdir(args.output) else None
     if stored is not None:
+        from curvlab.optim.train import RESUMABLE_CHANGES
+
+        for name, value in given.items():  # before the merged options are checked as a whole
+            if name not in RESUMABLE_CHANGES and value != getattr(stored, name):
+                raise OptionError(f"{args.output}: --resume with {name.replace('_', '-')}={value!r} but the "
+                                  f"run was started with {getattr(stored, name)!r}")
         options = {**stored.to_json(), **given}
     else:
         for name in ("model", "steps"):

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from curvlab.choices import FISHER_TYPES, OPTIMIZERS, SCHEDULES  # defined without torch, for the parsers
+from curvlab.choices import FISHER_TYPES, LOSS_NAMES, OPTIMIZERS, SCHEDULES  # without torch, for the parsers
 from curvlab.errors import CheckpointError, OptionError
 
 #: Default initial learning rate per optimizer.
@@ -49,6 +49,9 @@ class TrainConfig:
     inverse_update_every: int = 10
     fisher: str = "mc"
     mc_samples: int = 1
+    loss: str = "cross-entropy"
+    ignore_index: int | None = None
+    label_smoothing: float | None = None  # None: the model's own (model.label_smoothing), else 0
     factor_examples: int = 512
     save_every: int | None = None
     save_steps: list[int] = field(default_factory=list)
@@ -70,6 +73,15 @@ class TrainConfig:
         _choice("--optimizer", self.optimizer, OPTIMIZERS)
         _choice("--schedule", self.schedule, SCHEDULES)
         _choice("--fisher", self.fisher, FISHER_TYPES)
+        _choice("--loss", self.loss, LOSS_NAMES)
+        if self.ignore_index is not None and (isinstance(self.ignore_index, bool)
+                                              or not isinstance(self.ignore_index, int)):
+            raise OptionError(f"--ignore-index must be an integer, got {self.ignore_index!r}")
+        if self.label_smoothing is not None:
+            _number("label_smoothing", self.label_smoothing, low=0.0, high=1.0)
+        if self.loss != "cross-entropy" and (self.ignore_index is not None or self.label_smoothing):
+            option = "--ignore-index" if self.ignore_index is not None else "--label-smoothing"
+            raise OptionError(f"{option} is an option of cross-entropy, not of {self.loss}")
         for name in ("steps", "batch_size", "factor_update_every", "inverse_update_every", "mc_samples",
                      "factor_examples"):
             _positive_int(name, getattr(self, name))

@@ -8,12 +8,16 @@ weight), is preconditioned by the damped Kronecker-factored curvature::
     Δ = (S̃ + (√λ/π) I)^-1 G (A + π√λ I)^-1,      i.e.  vec Δ = ((S̃ + √λ/π I) ⊗ (A + π√λ I))^-1 vec G,
 
 the factored Tikhonov damping of Martens & Grosse 2015, §6.3, with
-``π = sqrt((tr A / dim A) / (tr S̃ / dim S))``. ``S̃ = S / T_loss`` where ``T_loss`` is the number of
-label locations per example (1 for a classifier, the sequence length for a language model): the
-factors follow docs/factors.md, where ``S ⊗ A`` approximates the Fisher of the per-example loss
-*summed* over its locations, while the training loss is the *mean* cross-entropy over examples and
-locations, whose Fisher is ``(S / T_loss) ⊗ A``. ``λ`` (``damping``) is thus relative to the
-curvature of the loss being minimised.
+``π = sqrt((tr A / dim A) / (tr S̃ / dim S))``. ``S̃ = S / T_loss`` where ``T_loss = K / N`` is the
+number of loss terms per example of the batch (:meth:`curvlab.capture.loss.Loss.num_terms` over
+:meth:`~curvlab.capture.loss.Loss.num_examples`: 1 for a classifier, the sequence length for a language
+model, the counted labels per counted example with ``ignore_index``, every output value for squared
+error and binary cross-entropy): the factors follow docs/factors.md, where ``S ⊗ A`` approximates the
+Fisher of the per-example loss *summed* over its terms, while the training loss is torch's *mean* over
+the batch's ``K`` terms (:meth:`~curvlab.capture.loss.Loss.mean`), whose Fisher is ``(S / T_loss) ⊗ A``.
+``λ`` (``damping``) is thus relative to the curvature of the loss being minimised. The loss, and how a
+batch goes into the model, are the :class:`~curvlab.capture.task.Task`'s (default: softmax
+cross-entropy on ``(x, y)`` tensors).
 
 The inverse is taken through the eigendecompositions ``A = Q_A diag(α) Q_A^T``,
 ``S = Q_S diag(σ) Q_S^T`` (recomputed every ``inverse_update_every`` steps)::
@@ -68,6 +72,7 @@ from torch import Tensor, nn
 
 from curvlab import distributed
 from curvlab.capture.factors import FactorAccumulator, FactorSet, layer_factors
+from curvlab.capture.task import Task, batch_context, default_task
 from curvlab.errors import CheckpointError, OptionError
 from curvlab.io.checkpoint import LayerFactors
 
@@ -132,12 +137,15 @@ class KFAC:
     See the module docstring for the math. One training step::
 
         opt.zero_grad()
-        logits = opt.forward(inputs)             # records the input statistics when a factor update is due
-        loss = loss_fn(logits, labels)
+        logits = opt.forward(inputs, labels)     # records the input statistics when a factor update is due
+        loss = opt.task.loss.mean(logits, labels)
         opt.backward(logits, labels, loss)       # output statistics (Fisher samples), then loss.backward()
         opt.step()
 
-    or ``opt.train_step(inputs, labels, loss_fn)``. ``lr`` may be changed between steps (schedules).
+    or ``opt.train_step(inputs, labels)``. ``lr`` may be changed between steps (schedules). ``task``
+    (:class:`~curvlab.capture.task.Task`) says how inputs go into the model, where the logits are and
+    what the loss is (default softmax cross-entropy); its :meth:`~curvlab.capture.loss.Loss.mean` is the
+    training loss of :meth:`train_step`.
     The hooks stay on the model until :meth:`close` (or the end of a ``with`` block).
     ``forward_module`` is what the training forward pass calls (default ``model``; under ``torchrun``
     the model's ``DistributedDataParallel`` wrapper, see the module docstring).
@@ -161,6 +169,7 @@ class KFAC:
         factor_dtype: torch.dtype = torch.float64,
         seed: int = 0,
         forward_module: nn.Module | None = None,
+        task: Task | None = None,
     ) -> None:
         _check_range("lr", lr, 0.0)
         _check_range("damping", damping, 0.0, open_low=True)
@@ -174,6 +183,7 @@ class KFAC:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise OptionError(f"{name} must be a positive integer, got {value!r}")
         self.model = model
+        self.task = default_task(task)
         self.forward_module = model if forward_module is None else forward_module
         self.lr = float(lr)
         self.damping = float(damping)
@@ -190,14 +200,14 @@ class KFAC:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.accumulator = FactorAccumulator(
             model, fisher=fisher, mc_samples=mc_samples, layers=layers, dtype=factor_dtype,
-            generator=self.generator,
+            generator=self.generator, task=self.task,
         )
         self.entries = self._make_entries()
         self.params = _unique_trainable(model)
         self.momentum_buffers: dict[int, Tensor] = {}
         self.steps = 0
         self.num_factor_examples = 0
-        self.loss_locations = 1
+        self.loss_locations = 1.0
         self.last_nu: float | None = None
         self._recording = False
         self.accumulator.__enter__()
@@ -239,10 +249,14 @@ class KFAC:
         """Whether this step's forward pass records factor statistics."""
         return self.steps % self.factor_update_every == 0
 
-    def forward(self, inputs: Tensor) -> Tensor:
-        """``forward_module(inputs)``, recording the input statistics when a factor update is due."""
+    def forward(self, inputs: Any, labels: Tensor | None = None) -> Tensor:
+        """The logits of ``forward_module`` on ``inputs`` (through the task), recording the input
+        statistics when a factor update is due. With ``labels``, examples whose labels are all ignored
+        are left out of the statistics."""
         self._recording = self.factor_update_due()
-        return self.accumulator.forward(inputs, record=self._recording, module=self.forward_module)
+        return self.accumulator.forward(
+            inputs, record=self._recording, module=self.forward_module, labels=labels
+        )
 
     def backward(
         self, logits: Tensor, labels: Tensor, loss: Tensor, *, rows: tuple[int, int] | None = None
@@ -255,20 +269,32 @@ class KFAC:
         (:func:`curvlab.capture.loss.logit_gradient_samples`), so they do not depend on the split.
         Default: the examples are the whole batch.
         """
-        self.loss_locations = math.prod(logits.shape[1:-1])
+        self._set_loss_locations(logits, labels)
         if self._recording:
             self.accumulator.accumulate_output_factors(logits, labels, retain_graph=True, rows=rows)
         loss.backward()
 
+    def _set_loss_locations(self, logits: Tensor, labels: Tensor) -> None:
+        """``T_loss = K / N``: loss terms per counted example of the (whole) batch. Under ``torchrun``
+        with an ``ignore_index`` the counts differ between processes and are added up first."""
+        loss = self.task.loss
+        terms, examples = loss.num_terms(logits, labels), loss.num_examples(logits, labels)
+        if loss.counted(labels) is not None and distributed.context().active:
+            counts = torch.tensor([terms, examples], dtype=torch.int64, device=logits.device)
+            distributed.all_reduce_sum([counts], "adding up the loss terms")
+            terms, examples = (int(v) for v in counts.tolist())
+        if examples:
+            self.loss_locations = terms / examples
+
     def train_step(
-        self, inputs: Tensor, labels: Tensor, loss_fn: LossFn = mean_cross_entropy, *,
+        self, inputs: Any, labels: Tensor, loss_fn: LossFn | None = None, *,
         rows: tuple[int, int] | None = None,
     ) -> Tensor:
         """Zero the gradients, forward, backward (``rows``: see :meth:`backward`) and :meth:`step`;
-        returns the (detached) loss."""
+        returns the (detached) loss. ``loss_fn(logits, labels)`` defaults to the task's mean loss."""
         self.zero_grad()
-        logits = self.forward(inputs)
-        loss = loss_fn(logits, labels)
+        logits = self.forward(inputs, labels)
+        loss = (self.task.loss.mean if loss_fn is None else loss_fn)(logits, labels)
         self.backward(logits, labels, loss, rows=rows)
         self.step()
         return loss.detach()
@@ -293,6 +319,9 @@ class KFAC:
         ``Â``, ``Ŝ`` are the statistics of the whole batch: the sums and counts of all processes are
         added up first (a no-op in one process)."""
         self.accumulator.reduce()
+        if self.accumulator.num_examples == 0:  # every label of the batch ignored: no statistics
+            self.accumulator.reset()
+            return
         means = self.accumulator.means()
         self.num_factor_examples += self.accumulator.num_examples
         self.accumulator.reset()
@@ -410,9 +439,12 @@ class KFAC:
         self.accumulator.generator = generator
         try:
             with torch.enable_grad():
-                for k, (inputs, labels) in distributed.my_batches(batches):
+                for k, batch in distributed.my_batches(batches):
                     generator.manual_seed(distributed.batch_seed(self.seed, k))
-                    self.accumulator.add_batch(inputs.to(device), labels.to(device))
+                    with batch_context(k):
+                        inputs, labels = self.task.split_batch(batch)
+                        inputs, labels = self.task.move(inputs, device), self.task.move(labels, device)
+                        self.accumulator.add_batch(inputs, labels)
         finally:
             self.accumulator.generator = self.generator
         self.accumulator.reduce()
@@ -434,7 +466,7 @@ class KFAC:
             A, S = (_symmetric(x).cpu().numpy() for x in (entry.A, entry.S))
             layers[name] = layer_factors(entry.source, entry.adapter, A, S)
         attrs: dict[str, Any] = {"ema_decay": self.factor_decay, "damping": self.damping,
-                                 "source": "kfac-running-average"}
+                                 "source": "kfac-running-average", **self.task.loss.to_attrs()}
         if self.fisher == "mc":
             attrs["mc_samples"] = self.mc_samples
         if self.kl_clip is not None:
@@ -486,7 +518,7 @@ class KFAC:
             buffers[index] = value.to(self.params[index].device, self.params[index].dtype)
         self.momentum_buffers = buffers
         self.steps, self.num_factor_examples = steps, examples
-        self.loss_locations = int(state.get("loss_locations", 1))
+        self.loss_locations = float(state.get("loss_locations", 1))
         self.lr = float(state.get("lr", self.lr))
         self.generator.set_state(generator_state.cpu())
 

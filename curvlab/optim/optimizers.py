@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlab.capture.task import Task, default_task
 from curvlab.errors import CheckpointError
 from curvlab.optim.config import TrainConfig
 from curvlab.optim.kfac import KFAC
@@ -26,12 +27,14 @@ from curvlab.optim.runfolder import _first_line
 class TorchOptimizer:
     """``sgd``, ``momentum`` or ``adam`` behind the interface the loop uses (``lr``, ``train_step``).
 
-    ``model`` is what the forward pass calls: the model, or its ``DistributedDataParallel`` wrapper.
+    ``model`` is what the forward pass calls: the model, or its ``DistributedDataParallel`` wrapper;
+    ``task`` how inputs go into it and where its logits are (:class:`~curvlab.capture.task.Task`).
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, task: Task | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
+        self.task = default_task(task)
 
     @property
     def lr(self) -> float:
@@ -43,12 +46,14 @@ class TorchOptimizer:
             group["lr"] = value
 
     def train_step(
-        self, inputs: Tensor, labels: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor], *,
+        self, inputs: Any, labels: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None, *,
         rows: tuple[int, int] | None = None,
     ) -> Tensor:
-        """One update; ``rows`` (the slice of the batch, see :meth:`KFAC.backward`) draws nothing here."""
+        """One update (``loss_fn`` defaults to the task's mean loss); ``rows`` (the slice of the batch,
+        see :meth:`KFAC.backward`) draws nothing here."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(self.model(inputs), labels)
+        logits = self.task.forward(self.model, inputs)
+        loss = (self.task.loss.mean if loss_fn is None else loss_fn)(logits, labels)
         loss.backward()
         self.optimizer.step()
         return loss.detach()
@@ -67,26 +72,27 @@ class TorchOptimizer:
 
 
 def make_optimizer(
-    config: TrainConfig, model: nn.Module, forward_module: nn.Module | None = None
+    config: TrainConfig, model: nn.Module, forward_module: nn.Module | None = None, task: Task | None = None
 ) -> KFAC | TorchOptimizer:
     """The optimizer of F.4 named by ``config.optimizer`` (hyper-parameters from ``config``).
 
     ``forward_module``: what the training forward pass calls (default ``model``; under ``torchrun`` its
-    ``DistributedDataParallel`` wrapper); K-FAC's hooks stay on ``model``.
+    ``DistributedDataParallel`` wrapper); K-FAC's hooks stay on ``model``. ``task``: inputs, logits and
+    loss (:class:`~curvlab.capture.task.Task`; K-FAC's Fisher is its loss's).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     forward = model if forward_module is None else forward_module
     if config.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
-        return TorchOptimizer(forward, opt)
+        return TorchOptimizer(forward, opt, task)
     if config.optimizer == "momentum":
         opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
                               weight_decay=config.weight_decay)
-        return TorchOptimizer(forward, opt)
+        return TorchOptimizer(forward, opt, task)
     if config.optimizer == "adam":
         opt = torch.optim.Adam(params, lr=config.lr, betas=(config.momentum, config.beta2), eps=config.eps,
                                weight_decay=config.weight_decay)
-        return TorchOptimizer(forward, opt)
+        return TorchOptimizer(forward, opt, task)
     return KFAC(
         model,
         lr=config.lr,
@@ -101,4 +107,5 @@ def make_optimizer(
         weight_decay=config.weight_decay,
         seed=config.seed,
         forward_module=forward_module,
+        task=task,
     )

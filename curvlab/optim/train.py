@@ -49,13 +49,15 @@ from torch import Tensor, nn
 
 from curvlab import distributed
 from curvlab.capture.factors import FactorSet, collect_factors, model_weights
+from curvlab.capture.loss import make_loss
+from curvlab.capture.task import Task
 from curvlab.errors import CheckpointError, CurvlabError, OptionError
 from curvlab.io.atomic import atomic_output, remove_quietly
 from curvlab.io.checkpoint import append_step
 from curvlab.optim.batches import BatchOrder, loss_scale, shard
 from curvlab.optim.config import DEFAULT_LR as DEFAULT_LR
 from curvlab.optim.config import OPTIMIZERS, SCHEDULES, TrainConfig
-from curvlab.optim.kfac import KFAC, mean_cross_entropy
+from curvlab.optim.kfac import KFAC
 from curvlab.optim.optimizers import TorchOptimizer, make_optimizer
 from curvlab.optim.runfolder import (
     CHECKPOINT_FILE,
@@ -135,6 +137,7 @@ class _Run:
     factor_data: Any
     model_config: dict[str, Any]
     device: torch.device
+    task: Task = field(default_factory=Task)
     ctx: distributed.Context = field(default_factory=distributed.Context)
     elapsed: float = 0.0
 
@@ -148,11 +151,19 @@ class _Run:
         return shard(self.config.batch_size, self.ctx.rank, self.ctx.world_size)
 
     def loss_fn(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """The mean cross-entropy of this process's examples, times :func:`loss_scale` (1 alone)."""
-        loss = mean_cross_entropy(logits, labels, float(getattr(self.model, "label_smoothing", 0.0) or 0.0))
+        """The task's mean loss of this process's examples (torch's ``reduction="mean"``), times
+        :func:`loss_scale` (1 alone). With an ``ignore_index`` the processes hold different numbers
+        of loss terms ``K_r``: the scale is then ``W K_r / K`` (``K`` added up over the processes), so
+        that the average is again the mean over the whole batch's terms."""
+        loss = self.task.loss.mean(logits, labels)
         if not self.ctx.active:
             return loss
-        return loss * loss_scale(self.shard[1], self.config.batch_size, self.ctx.world_size)
+        if self.task.loss.counted(labels) is None:
+            return loss * loss_scale(self.shard[1], self.config.batch_size, self.ctx.world_size)
+        terms = self.task.loss.num_terms(logits, labels)
+        total = torch.tensor([terms], dtype=torch.int64, device=logits.device)
+        distributed.all_reduce_sum([total], "adding up the loss terms")
+        return loss * (self.ctx.world_size * terms / int(total)) if int(total) else loss
 
     def factor_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         from curvlab.io.data import iterate_batches
@@ -178,12 +189,21 @@ def _build(config: TrainConfig, run_dir: str, device: torch.device, data: Any = 
     torch.manual_seed(config.seed)
     model = build_model(config.model, data.input_shape, data.num_classes, config.model_args).to(device)
     model.train()
+    task = Task(make_loss(config.loss, ignore_index=config.ignore_index,
+                          label_smoothing=training_label_smoothing(config, model)))
     described = model_config(config.model, data.input_shape, data.num_classes, config.model_args)
     described["data"] = config.data
     factor_count = min(config.factor_examples, len(data))
     factor_data = dataclasses.replace(data, x=data.x[:factor_count], y=data.y[:factor_count])
-    optimizer = make_optimizer(config, model, _data_parallel(model, device, ctx))
-    return _Run(config, run_dir, model, optimizer, data, factor_data, described, device, ctx)
+    optimizer = make_optimizer(config, model, _data_parallel(model, device, ctx), task)
+    return _Run(config, run_dir, model, optimizer, data, factor_data, described, device, task, ctx)
+
+
+def training_label_smoothing(config: TrainConfig, model: nn.Module) -> float:
+    """``--label-smoothing`` when given, else the model's own ``label_smoothing`` (resnet32, vgg11), or 0."""
+    if config.label_smoothing is not None:
+        return float(config.label_smoothing)
+    return float(getattr(model, "label_smoothing", 0.0) or 0.0) if config.loss == "cross-entropy" else 0.0
 
 
 def _data_parallel(model: nn.Module, device: torch.device, ctx: distributed.Context) -> nn.Module:
@@ -208,7 +228,7 @@ def _factors_at(run: _Run, step: int) -> FactorSet:
     try:
         factors = collect_factors(
             run.model, run.factor_batches(), fisher=run.config.fisher, mc_samples=run.config.mc_samples,
-            seed=run.config.seed + step,
+            seed=run.config.seed + step, task=run.task,
         )
     finally:
         run.model.train()
