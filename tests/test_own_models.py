@@ -262,3 +262,12 @@ def test_module_spec(tmp_path, capsys, monkeypatch):
     assert config["factory_file"] == str(package / "nets.py")
     with h5py.File(x, "r") as f:
         assert f["model"].attrs["name"] == "mypkg.nets:build"
+
+
+def test_factory_named_for_a_registry_checkpoint(tmp_path, capsys):
+    """A registry model's record has no factory to compare with: the weights alone decide."""
+    x = str(tmp_path / "mlp.h5")
+    assert main(["factors", "--model", "mlp", "--model-arg", "widths=4", "--examples", "16", "-o", x,
+                 "--quiet"]) == 0
+    err = _error(capsys, ["gradcov", x, "--model", CNN, "--quiet"])
+    assert "weights do not fit the model" in err and "called with arguments" not in err

@@ -183,7 +183,7 @@ def _model_and_data(args: argparse.Namespace, source: StepWeights | None):
     if not factory:
         return build_model(name, data.input_shape, data.num_classes, model_args), data, data_spec
     loaded = load_factory(name, "--model", ModelError)
-    if source:
+    if source and recorded_factory(source.config):
         check_recorded(loaded, model_args or {}, source.config or {}, args.weights,
                        args_given=model_args is not None, error=ModelError)
     model = build_factory_model(loaded, data.input_shape, data.num_classes, model_args)

@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from curvlab.errors import ModelError
-from curvlab.usercode import Factory, check_recorded, json_safe, load_factory
+from curvlab.usercode import Factory, check_recorded, json_safe, load_factory, recorded_factory
 
 __all__ = ["build_factory_model", "check_forward", "factory_config", "rebuild_factory_model"]
 
@@ -83,7 +83,8 @@ def rebuild_factory_model(
     sha256 are only compared (:func:`curvlab.usercode.check_recorded`).
     """
     factory = load_factory(spec, "--model", ModelError)
-    check_recorded(factory, args or {}, recorded, where, args_given=args is not None, error=ModelError)
+    if recorded_factory(recorded):  # (a registry model's record has nothing to compare a factory with)
+        check_recorded(factory, args or {}, recorded, where, args_given=args is not None, error=ModelError)
     shape = recorded.get("input_shape")
     classes = recorded.get("num_classes")
     if shape is not None and not (isinstance(shape, list) and all(_count(v) for v in shape)):

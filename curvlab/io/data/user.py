@@ -101,7 +101,9 @@ def _stack_items(data: torch.utils.data.Dataset, limit: int | None, where: str) 
 def _tensor(value: Any, where: str, what: str) -> Tensor:
     if isinstance(value, Tensor):
         return value.detach().cpu()
-    if isinstance(value, np.ndarray) and value.dtype != object:
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf":
+            raise DataError(f"{where}: {what} has dtype {value.dtype}; expected numbers")
         return torch.from_numpy(np.ascontiguousarray(value))
     if isinstance(value, int | float) and not isinstance(value, bool):
         return torch.tensor(value)
