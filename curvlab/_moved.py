@@ -78,6 +78,15 @@ OLD_PATHS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: old paths that are also names of the Python API (curvlab.api): the old module, once imported, is
+#: the package's attribute of that name, so it forwards calls to the function
+CALLABLE: dict[str, str] = {
+    "curvlab.spectrum": "spectrum",
+    "curvlab.gradcov": "gradcov",
+    "curvlab.train": "train",
+}
+
+
 class _Forwarding(types.ModuleType):
     """An old module split into several: attribute access looks the name up in each new module."""
 
@@ -97,6 +106,17 @@ class _Forwarding(types.ModuleType):
         return sorted(names)
 
 
+class _CallableForwarding(_Forwarding):
+    """A forwarding old module that is also a function of the API: ``curvlab.spectrum(...)`` after
+    ``import curvlab.spectrum`` calls :func:`curvlab.api.spectrum` (Python binds an imported submodule
+    as the package's attribute, hiding the function of the same name)."""
+
+    __api__: str = ""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module("curvlab.api"), self.__api__)(*args, **kwargs)
+
+
 def moved(old: str) -> None:
     """Called by the module at the old path ``old``: warn, then make the old name the new module."""
     targets = OLD_PATHS[old]
@@ -109,5 +129,7 @@ def moved(old: str) -> None:
         sys.modules[old] = importlib.import_module(targets[0])
         return
     module = sys.modules[old]
-    module.__class__ = _Forwarding
+    module.__class__ = _CallableForwarding if old in CALLABLE else _Forwarding
     module.__targets__ = targets  # type: ignore[attr-defined]
+    if old in CALLABLE:
+        module.__api__ = CALLABLE[old]  # type: ignore[attr-defined]

@@ -37,5 +37,8 @@ DATA_SOURCES = (
     "text:PATH (token sequences of a UTF-8 text file)"
 )
 
+#: The names of the built-in data sources (``npz:PATH`` is a source; ``mydata.py:load`` is a data factory).
+DATA_SOURCE_NAMES = ("digits", "cifar10", "npz", "pystdlib", "text")
+
 OPTIMIZERS = ("sgd", "momentum", "adam", "kfac")
 SCHEDULES = ("constant", "linear-decay")

@@ -106,3 +106,9 @@ def test_the_library_uses_the_light_choices():
     assert data.DATA_SOURCES is choices.DATA_SOURCES
     assert train.OPTIMIZERS is choices.OPTIMIZERS and train.SCHEDULES is choices.SCHEDULES
     assert distributed.launched is launch.launched
+
+
+def test_data_source_names_agree():
+    from curvlab.io.data import SOURCE_FORMS
+
+    assert choices.DATA_SOURCE_NAMES == tuple(form.partition(":")[0] for form in SOURCE_FORMS)

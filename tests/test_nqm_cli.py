@@ -125,6 +125,18 @@ def test_figure_11_and_13_write_png_and_json(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fig13.json", "fig13.png", "figs"]  # no temp files
 
 
+def test_figure_json(tmp_path, capsys):
+    out = tmp_path / "figs"
+    assert main(["nqm", "figure", "11", "--out", str(out), "--json"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert summary == {"out": str(out), "figures": [{"figure": "11", "png": str(out / "fig11.png"),
+                                                     "json": str(out / "fig11.json"), "mode": "closed forms",
+                                                     "d": None}]}
+    assert captured.err == ""  # --json keeps stderr for errors and warnings
+    Image.open(out / "fig11.png").verify()
+
+
 def test_figure_into_unwritable_place(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")

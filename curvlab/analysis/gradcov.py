@@ -490,9 +490,9 @@ def project_gradients(
     )
     ctx = distributed.context()
     if progress and ctx.is_main:
-        from tqdm import tqdm
+        from curvlab.progress import progress_bar
 
-        batches = tqdm(batches, desc="gradcov", unit="batch", leave=False)
+        batches = progress_bar(batches, desc="gradcov", unit="batch")
     with projector:
         for k, batch in distributed.my_batches(batches, ctx):
             generator.manual_seed(distributed.batch_seed(seed, k))

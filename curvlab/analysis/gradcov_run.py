@@ -57,6 +57,10 @@ class GradcovResult:
     fvp_curvature: dict[str, np.ndarray]
     route: str
 
+    def to_json(self) -> dict[str, Any]:
+        """The ``curvlab gradcov --json`` summary (:func:`summarize`; the command adds the files it wrote)."""
+        return summarize(self)
+
 
 def bases_from_checkpoint(path: str, step: int, layers: Sequence[str] | None = None) -> dict[str, LayerBasis]:
     """The KFE of every layer (or of the named ones) of a checkpoint step, read layer by layer."""

@@ -473,6 +473,18 @@ class FactorSet(Mapping[str, LayerFactors]):
     def __len__(self) -> int:
         return len(self._layers)
 
+    def to_json(self) -> dict[str, Any]:
+        """What ``curvlab factors --json`` reports about the factors: Fisher type, examples, layers."""
+        return {
+            "fisher_type": self.fisher_type,
+            "num_examples": self.num_examples,
+            "layers": [
+                {"name": n, "module_type": f.module_type, "A_shape": list(f.A.shape),
+                 "S_shape": list(f.S.shape)}
+                for n, f in self.items()
+            ],
+        }
+
     def to_step(self, step: int, weights: Mapping[str, np.ndarray] | None = None) -> Step:
         """The checkpoint step holding these factors (and optionally the model weights)."""
         return Step(
@@ -535,10 +547,9 @@ def collect_factors(
 def _progress(batches: Iterable, enabled: bool) -> Iterable:
     if not enabled:
         return batches
-    from tqdm import tqdm
+    from curvlab.progress import progress_bar
 
-    total = len(batches) if hasattr(batches, "__len__") else None
-    return tqdm(batches, total=total, desc="factors", unit="batch", leave=False)
+    return progress_bar(batches, desc="factors", unit="batch")
 
 
 def model_weights(model: nn.Module) -> dict[str, np.ndarray]:
@@ -559,12 +570,24 @@ def save_factors(
     """Write the factors as one complete checkpoint step (with the model's weights if given).
 
     A new file is written atomically; ``append=True`` adds the step to an existing checkpoint
-    crash-safely (:func:`curvlab.io.checkpoint.append_step`).
+    crash-safely (:func:`curvlab.io.checkpoint.append_step`). Without ``model_config``, a ``model``
+    built by :func:`curvlab.models.build_model` or by a factory records the config it was built from
+    (:func:`curvlab.models.config_of`), so that ``curvlab gradcov`` and ``factors --weights`` can
+    rebuild it; what cannot be recorded (any other module; a factory model built without an input
+    shape) is said in one :class:`~curvlab.models.ConfigWarning` line.
     """
     weights = None if model is None else model_weights(model)
     record = factors.to_step(step, weights)
     config = None if model_config is None else dict(model_config)
+    if config is None and model is not None:
+        from curvlab.models import recordable_config
+
+        config = recordable_config(model, path)
+    if config is not None and model_name is None:
+        name = config.get("name") or config.get("factory")
+        model_name = name if isinstance(name, str) else None
     if append:
         append_step(path, record, model_name=model_name, model_config=config)
     else:
         save(path, [record], model_name=model_name, model_config=config)
+

@@ -1,7 +1,8 @@
 """The ``curvlab`` command line: thin argparse wrappers over the library.
 
 Every command prints a short summary on stdout (or one JSON object with ``--json``), shows progress on
-stderr, and turns a user error into one line ``curvlab: error: ...`` on stderr with exit status 2.
+stderr when it is a terminal, turns a user error into one line ``curvlab: error: ...`` on stderr with
+exit status 2, and a warning into one line ``curvlab: warning: ...``.
 
 One module per command, each with its parser (``_add_<command>``) and its runner (``run_<command>``):
 :mod:`~curvlab.commands.factors`, :mod:`~curvlab.commands.info`, :mod:`~curvlab.commands.spectrum`,
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import warnings
 from collections.abc import Sequence
 
 from curvlab import __version__
@@ -54,7 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if launched() and args.command not in DISTRIBUTED_COMMANDS:
             raise OptionError(f"curvlab {args.command} runs in one process; start it without torchrun "
                               f"(distributed commands: {', '.join(DISTRIBUTED_COMMANDS)})")
-        with _session(args.command):
+        with _session(args.command), warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
             return int(args.handler(args) or 0)
     except CurvlabError as exc:
         print(f"curvlab: error: {_process_prefix(exc)}{_one_line(exc)}", file=sys.stderr)
@@ -62,6 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("curvlab: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning during a command: one line ``curvlab: warning: ...`` on stderr (no source line)."""
+    print(f"curvlab: warning: {_one_line(message)}", file=sys.stderr if file is None else file)
 
 
 def _session(command: str) -> contextlib.AbstractContextManager:
@@ -92,7 +100,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_nqm(commands)
     _add_train(commands)
     _add_sweep(commands)
+    for sub in _parsers(parser):
+        sub.formatter_class = DefaultsHelpFormatter
     return parser
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` shows every option's default: ``(default: X)`` is added to an option's help unless the
+    help already says its default (options whose default is "none" say what that means themselves;
+    ``tests/test_cli_help.py`` checks that every option does)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            action.option_strings
+            and action.nargs != 0
+            and "default" not in text.lower()
+            and not any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS))
+            and action.default != []
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """``parser`` and every sub-parser below it."""
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found += _parsers(sub)
+    return found
 
 
 if __name__ == "__main__":

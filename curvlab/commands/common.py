@@ -55,19 +55,35 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_model_options(parser: argparse.ArgumentParser, *, required: bool) -> None:
+def _model_name(text: str) -> str:
+    """``--model``: a registry name or a factory ``PATH.py:FUNC`` / ``package.module:FUNC``."""
+    from curvlab.usercode import is_factory_spec
+
+    if text in MODEL_NAMES or is_factory_spec(text):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"invalid choice: {text!r} (choose from {', '.join(MODEL_NAMES)}, or PATH.py:FUNC / "
+        "package.module:FUNC)")
+
+
+def _add_model_options(parser: argparse.ArgumentParser, *, required: bool,
+                       rebuild: str | None = None) -> None:
+    """``--model`` and ``--model-arg``; ``rebuild`` says how the option works when a file records a model."""
     parser.add_argument(
         "--model",
         required=required,
-        choices=MODEL_NAMES,
-        help="model to build (with --weights: defaults to the checkpoint's model)",
+        type=_model_name,
+        metavar="NAME|PATH.py:FUNC",
+        help=f"{', '.join(MODEL_NAMES)}, or your own factory PATH.py:FUNC / package.module:FUNC returning an "
+        "nn.Module (docs/models.md)" + (f"; {rebuild}" if rebuild else ""),
     )
     parser.add_argument(
         "--model-arg",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="model hyper-parameter, repeatable (e.g. widths=64,32)",
+        help="model hyper-parameter, repeatable (e.g. widths=64,32); a factory's keyword argument, the "
+        "value read as JSON where it parses (default: none)",
     )
 
 
@@ -97,6 +113,36 @@ def _on_data(spec: str, work):
         return work()
     except DataError as exc:
         raise DataError(f"{spec}: {exc}") from None
+def _parse_model_args(model: str | None, items: list[str]) -> dict | None:
+    """The ``--model-arg`` items parsed for ``model`` (JSON values for a factory); ``None`` if none given."""
+    if not items:
+        return None
+    from curvlab.usercode import is_factory_spec
+
+    if is_factory_spec(model):
+        from curvlab.errors import ModelError
+        from curvlab.usercode import parse_factory_args
+
+        return parse_factory_args(items, error=ModelError)
+    from curvlab.models import parse_model_args
+
+    return parse_model_args(items)
+
+
+def _load_data(spec: str, *, named: bool, recorded_in: str = "", split: str = "train",
+               limit: int | None = None, **options):
+    """The data set ``spec``: a built-in source, or a data factory — loaded only if the user ``named``
+    it on this command line; a factory spec read from ``recorded_in`` is refused (docs/data.md)."""
+    from curvlab.io.data import data_factory_spec, load_dataset, load_factory_data
+    from curvlab.usercode import require_named
+
+    if data_factory_spec(spec):
+        if not named:
+            from curvlab.errors import DataError
+
+            require_named(spec, None, recorded_in, option="--data", error=DataError)
+        return load_factory_data(spec, split=split, limit=limit)
+    return load_dataset(spec, split=split, limit=limit, **options)
 
 
 def _check_writable(path: str) -> None:

@@ -21,12 +21,14 @@ from curvlab.commands.common import (
     _add_loss_options,
     _add_model_options,
     _check_writable,
+    _load_data,
     _on_data,
+    _parse_model_args,
     _positive_int,
     _refuse_input_as_output,
     _write,
 )
-from curvlab.errors import OptionError
+from curvlab.errors import ModelError, OptionError
 
 if TYPE_CHECKING:
     from curvlab.io.restore import StepWeights
@@ -39,23 +41,29 @@ def _add_factors(commands: argparse._SubParsersAction) -> None:
         description="Capture the K-FAC factors A and S of every Linear/Conv2d layer (seed eqs. 13, 15) "
         "and write them, with the model's weights and config, as one complete checkpoint step.",
     )
-    _add_model_options(p, required=False)
+    _add_model_options(p, required=False, rebuild="default: the --weights checkpoint's model (a model built "
+                       "by a factory needs --model naming it); required without --weights")
     p.add_argument(
         "--data",
         default=None,
-        help=f"data source: {DATA_SOURCES} (default: digits; pystdlib for a language model)",
+        help=f"data source: {DATA_SOURCES}, or your own PATH.py:FUNC / package.module:FUNC (default: the "
+        "--weights checkpoint's; else digits, pystdlib for transformer_shallow)",
     )
-    p.add_argument("--examples", type=_positive_int, default=None, help="use the first N examples")
-    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--examples", type=_positive_int, default=None,
+                   help="use the first N examples (default: all of the training split)")
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="examples per batch")
     p.add_argument("--fisher", choices=FISHER_TYPES, default="mc", help="Fisher type (default: mc)")
     p.add_argument("--mc-samples", type=_positive_int, default=1, help="labels sampled per example (mc)")
     _add_loss_options(p, "cross-entropy; with --weights, the checkpoint step's")
-    p.add_argument("--weights", metavar="CKPT", help="take the model's weights from this checkpoint")
+    p.add_argument("--weights", metavar="CKPT",
+                   help="take the model's weights from this checkpoint (default: a new model)")
     p.add_argument("--step", type=int, default=None, help="step of --weights (default: the latest)")
-    p.add_argument("--layers", action="append", default=None, metavar="GLOB", help="layers to capture")
+    p.add_argument("--layers", action="append", default=None, metavar="GLOB",
+                   help="layers to capture, repeatable (default: every layer with factors)")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="accumulator")
-    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
-    p.add_argument("--seed", type=int, default=0, help="seed of the model init and of the mc labels")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto: cuda if a GPU is visible")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the model init and of the mc labels (default: 0)")
     p.add_argument("--append", action="store_true", help="add the step to an existing OUT (crash-safe)")
     p.add_argument(
         "--as-step", type=int, default=None, metavar="N", help="step number to record (default: the step "
@@ -74,9 +82,8 @@ def run_factors(args: argparse.Namespace) -> int:
     from curvlab.capture.factors import collect_factors, save_factors
     from curvlab.capture.task import Task
     from curvlab.device import resolve_device
-    from curvlab.io.data import iterate_batches, load_dataset
+    from curvlab.io.data import iterate_batches
     from curvlab.io.restore import load_weights
-    from curvlab.models import build_model, data_options, model_config, parse_model_args
 
     ctx = distributed.context()
     device = resolve_device(args.device)
@@ -88,19 +95,9 @@ def run_factors(args: argparse.Namespace) -> int:
     source = _weights_source(args)
     if source:
         distributed.check_same([source.step], f"{args.weights}: the step of --weights")
-    name = args.model or (source.model_name if source else None)
-    if name is None:
-        raise OptionError("--model is required (or --weights with a checkpoint that names its model)")
-    model_args = parse_model_args(args.model_arg)
-    if source and not args.model_arg and source.config and source.model_name == name:
-        model_args = dict(source.config.get("args", {}))
-    data_spec = args.data or _default_data(name, model_args, source)
-    data = load_dataset(data_spec, split="train", limit=args.examples, **data_options(name, model_args))
-    torch.manual_seed(args.seed)
-    model = build_model(name, data.input_shape, data.num_classes, model_args)
-    step = 0
+    model, data, data_spec = _model_and_data(args, source)
+    step = source.step if source else 0
     if source:
-        step = source.step
         load_weights(model, source)
     if args.as_step is not None:
         if args.as_step < 0:
@@ -122,8 +119,10 @@ def run_factors(args: argparse.Namespace) -> int:
     ))
     if not ctx.is_main:
         return 0
-    config = model_config(name, data.input_shape, data.num_classes, model_args)
-    config["data"] = data_spec
+    from curvlab.models import config_of
+
+    config = {**(config_of(model) or {}), "data": data_spec}
+    name = config.get("name") or config.get("factory")
     _write(
         lambda: save_factors(
             output,
@@ -141,15 +140,10 @@ def run_factors(args: argparse.Namespace) -> int:
         "step": step,
         "model": name,
         "data": data_spec,
-        "fisher_type": factors.fisher_type,
         "loss": task.loss.name,
         "loss_options": task.loss.options(),
-        "num_examples": factors.num_examples,
         "device": str(device),
-        "layers": [
-            {"name": n, "module_type": f.module_type, "A_shape": list(f.A.shape), "S_shape": list(f.S.shape)}
-            for n, f in factors.items()
-        ],
+        **factors.to_json(),
     }
     if args.json:
         print(json.dumps(summary))
@@ -183,13 +177,61 @@ def _loss(args: argparse.Namespace, model, source: StepWeights | None):
 
 
 
-def _default_data(name: str, model_args: dict, source: StepWeights | None) -> str:
-    """The checkpoint's data with --weights; else the embedded default: token corpus for language
-    models (the models whose data shape depends on their arguments), bundled digits for images."""
-    from curvlab.models import data_options
+def _model_and_data(args: argparse.Namespace, source: StepWeights | None):
+    """The model (a registry model or the user's factory; with ``--weights``, the checkpoint's, which a
+    factory-built checkpoint needs ``--model`` for) and the data it runs on, with the data's spec."""
+    import torch
 
-    if source and source.config and source.config.get("data"):
+    from curvlab.models import build_model, data_options
+    from curvlab.models.factory import build_factory_model, check_forward
+    from curvlab.usercode import (
+        check_recorded,
+        is_factory_spec,
+        load_factory,
+        recorded_factory,
+        require_named,
+    )
+
+    if source:
+        recorded = recorded_factory(source.config) or (
+            source.model_name if is_factory_spec(source.model_name) else None)
+        if recorded:
+            require_named(recorded, args.model, args.weights, args=(source.config or {}).get("args"),
+                          error=ModelError)
+    name = args.model or (source.model_name if source else None)
+    if name is None:
+        raise OptionError("--model is required (or --weights with a checkpoint that names its model)")
+    model_args = _parse_model_args(name, args.model_arg)
+    factory = is_factory_spec(name)
+    if not factory and model_args is None and source and source.config and source.model_name == name:
+        model_args = dict(source.config.get("args", {}))
+    options = {} if factory else data_options(name, model_args)
+    data_spec = args.data or _default_data(name, model_args, source)
+    data = _load_data(data_spec, named=args.data is not None, recorded_in=args.weights or "",
+                      limit=args.examples, **options)
+    torch.manual_seed(args.seed)
+    if not factory:
+        return build_model(name, data.input_shape, data.num_classes, model_args), data, data_spec
+    loaded = load_factory(name, "--model", ModelError)
+    if source and recorded_factory(source.config):
+        check_recorded(loaded, model_args or {}, source.config or {}, args.weights,
+                       args_given=model_args is not None, error=ModelError)
+    model = build_factory_model(loaded, data.input_shape, data.num_classes, model_args)
+    check_forward(model, data, f"--model {name} on --data {data_spec}")
+    return model, data, data_spec
+
+
+def _default_data(name: str, model_args: dict | None, source: StepWeights | None) -> str:
+    """The checkpoint's data with --weights; else the embedded default: token corpus for language
+    models (the models whose data shape depends on their arguments), bundled digits for images and
+    for a factory's model."""
+    from curvlab.models import data_options
+    from curvlab.usercode import is_factory_spec
+
+    if source and source.config and isinstance(source.config.get("data"), str):
         return source.config["data"]
+    if is_factory_spec(name):
+        return "digits"
     return "pystdlib" if data_options(name, model_args) else "digits"
 
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from curvlab.choices import DEVICE_CHOICES
-from curvlab.commands.common import _check_writable, _one_line, _refuse_input_as_output, _write
-from curvlab.errors import CheckpointError, CurvlabError, OptionError
+from curvlab.commands.common import _check_writable, _refuse_input_as_output, _write
+from curvlab.errors import OptionError
 
 
 def _add_fit(commands: argparse._SubParsersAction) -> None:
@@ -31,16 +30,19 @@ def _add_fit(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", metavar="CKPT|SPECTRUM.h5", help="a factor checkpoint or a spectrum file")
     p.add_argument("--step", default="latest", metavar="S|latest", help="step (default: latest)")
-    p.add_argument("--layers", action="append", default=None, metavar="GLOB", help="layers (repeatable)")
+    p.add_argument("--layers", action="append", default=None, metavar="GLOB",
+                   help="layers, repeatable (default: all)")
     p.add_argument("--per-factor", action="store_true", help="also fit each factor's own spectrum (A, S)")
     p.add_argument(
         "--window", default=None, metavar="K_LO:K_HI", help="fix the rank window of the whole-network fit "
-        "(either end may be left empty: chosen by KS distance)"
+        "(either end may be left empty; default: both chosen by KS distance)"
     )
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples (0: none)")
     p.add_argument("--confidence", type=float, default=0.95, help="interval level (default: 0.95)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
-    p.add_argument("--plot", default=None, metavar="P.png", help="Fig. 12-style plot (PNG/PDF/SVG)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the bootstrap (default: 0)")
+    p.add_argument("--plot", default=None, metavar="P.png",
+                   help="Fig. 12-style plot (PNG/PDF/SVG; default: no plot)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="where factors are decomposed")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -60,10 +62,9 @@ def _fit_step(text: str) -> int | str:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    from curvlab.analysis.powerlaw import fit_spectrum, kronecker_floor, parse_window
-    from curvlab.analysis.spectrum import KroneckerSpectrum, load_layer_eigenvalues
+    from curvlab.analysis.powerlaw import fit_network, parse_window
+    from curvlab.analysis.spectrum import load_layer_eigenvalues
     from curvlab.device import resolve_device
-    from curvlab.errors import where
 
     step = _fit_step(args.step)
     k_lo, k_hi = parse_window(args.window) if args.window else (None, None)
@@ -78,67 +79,21 @@ def run_fit(args: argparse.Namespace) -> int:
     number, layers = load_layer_eigenvalues(
         args.checkpoint, step=step, layers=args.layers, device=args.device, progress=not args.quiet
     )
-    at = where(args.checkpoint, number)
-    if not layers:
-        raise CheckpointError(f"{at}: no layers to fit")
-    pairs = list(layers.values())
-    try:
-        spectrum = KroneckerSpectrum(pairs)
-        fit = fit_spectrum(
-            spectrum,
-            k_lo=k_lo,
-            k_hi=k_hi,
-            bootstrap=args.bootstrap,
-            seed=args.seed,
-            confidence=args.confidence,
-            floor=kronecker_floor(pairs),
-        )
-    except CurvlabError as exc:
-        raise type(exc)(f"{at}: whole network: {_one_line(exc)}") from None
-    except ValueError as exc:  # KroneckerSpectrum's checks of the eigenvalues
-        raise CheckpointError(f"{at}: whole network: {_one_line(exc)}") from None
-    summary: dict = {"file": args.checkpoint, "step": number, "num_layers": len(layers)}
-    summary.update(fit.to_json())
-    if args.per_factor:
-        summary["factors"] = _fit_factors(layers, args)
+    result = fit_network(layers, source=args.checkpoint, step=number, k_lo=k_lo, k_hi=k_hi,
+                         bootstrap=args.bootstrap, confidence=args.confidence, seed=args.seed,
+                         per_factor=args.per_factor, progress=not args.quiet)
+    summary = result.to_json()
     if args.plot:
         from curvlab.plots.powerlaw import plot_rank_law
 
         title = f"K-FAC eigenspectrum vs the NQM's 1/i (step {number}, {len(layers)} layers)"
-        _write(lambda: plot_rank_law(fit, args.plot, title=title), args.plot)
+        _write(lambda: plot_rank_law(result.fit, args.plot, title=title), args.plot)
         summary["plot"] = args.plot
     if args.json:
         print(json.dumps(summary))
     else:
         print(_format_fit(summary))
     return 0
-
-
-def _fit_factors(layers: dict[str, tuple], args: argparse.Namespace) -> list[dict]:
-    """Fit each factor's own eigenvalues; a factor too small or flat to fit gets an ``error`` entry."""
-    import numpy as np
-    from tqdm import tqdm
-
-    from curvlab.analysis.powerlaw import default_floor, fit_rank_law
-
-    out = []
-    items = [(name, which, ev) for name, (S, A) in layers.items() for which, ev in (("A", A), ("S", S))]
-    for name, which, ev in tqdm(items, desc="per-factor fits", disable=args.quiet, file=sys.stderr):
-        entry: dict = {"layer": name, "factor": which, "size": int(len(ev))}
-        top = float(np.max(ev)) if len(ev) else 0.0
-        try:
-            fit = fit_rank_law(
-                ev,
-                bootstrap=args.bootstrap,
-                seed=args.seed,
-                confidence=args.confidence,
-                floor=default_floor(top, len(ev)),
-            )
-            entry.update(fit.to_json())
-        except CurvlabError as exc:
-            entry["error"] = _one_line(exc)
-        out.append(entry)
-    return out
 
 
 def _format_fit(s: dict) -> str:

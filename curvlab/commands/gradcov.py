@@ -22,9 +22,12 @@ import os
 from curvlab.choices import DATA_SOURCES, DEVICE_CHOICES
 from curvlab.commands.common import (
     _add_loss_options,
+    _add_model_options,
     _check_writable,
+    _load_data,
     _loss_given,
     _on_data,
+    _parse_model_args,
     _positive_int,
     _refuse_input_as_output,
     _write,
@@ -43,9 +46,12 @@ def _add_gradcov(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", metavar="CKPT")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    p.add_argument("--data", default=None, help=f"data source: {DATA_SOURCES} (default: the checkpoint's)")
+    _add_model_options(p, required=False, rebuild="default: the checkpoint's model; a model built by a "
+                       "factory is rebuilt only with --model (and --model-arg) naming it")
+    p.add_argument("--data", default=None, help=f"data source: {DATA_SOURCES}, or your own PATH.py:FUNC "
+                   "(default: the checkpoint's; a recorded factory must be named again)")
     p.add_argument("--examples", type=_positive_int, default=1024, help="training examples (default 1024)")
-    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--batch-size", type=_positive_int, default=128, help="examples per batch")
     p.add_argument("--directions", type=int, default=4, help="jvp-checked directions per layer (default 4)")
     p.add_argument(
         "--curvature",
@@ -54,10 +60,12 @@ def _add_gradcov(commands: argparse._SubParsersAction) -> None:
         help="all-direction route (exact: one pass per class; mc: sampled labels) or fvp only on the "
         "selected directions; auto = exact for up to 100 classes × label locations (tokens), else mc",
     )
-    p.add_argument("--mc-samples", type=_positive_int, default=4)
+    p.add_argument("--mc-samples", type=_positive_int, default=4,
+                   help="labels per example for --curvature mc")
     _add_loss_options(p, "the loss the checkpoint step records, else cross-entropy")
-    p.add_argument("--layers", action="append", default=None, metavar="GLOB")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", action="append", default=None, metavar="GLOB",
+                   help="layers, repeatable (default: every layer of the checkpoint)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the mc labels")
     p.add_argument(
         "--dtype",
         choices=("float64", "float32"),
@@ -65,11 +73,12 @@ def _add_gradcov(commands: argparse._SubParsersAction) -> None:
         help="model precision (default float64: the flattest directions' curvature is ~1e-20 of the "
         "largest, below float32's resolution)",
     )
-    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto: cuda if a GPU is visible")
     p.add_argument("-o", "--output", default=None, metavar="OUT.h5", help="default: CKPT.gradcov.h5")
-    p.add_argument("--plot", default=None, metavar="P.png")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--plot", default=None, metavar="P.png",
+                   help="variance vs curvature plot (default: no plot)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=run_gradcov)
 
 
@@ -83,14 +92,14 @@ def run_gradcov(args: argparse.Namespace) -> int:
         auto_route,
         bases_from_checkpoint,
         run_gradcov,
-        summarize,
         write_result,
     )
     from curvlab.capture.task import Task
     from curvlab.device import resolve_device
-    from curvlab.io.data import iterate_batches, load_dataset
+    from curvlab.io.data import iterate_batches
     from curvlab.io.restore import rebuild_model
     from curvlab.models import data_options
+    from curvlab.usercode import is_factory_spec
 
     ctx = distributed.context()
     device = resolve_device(args.device)
@@ -102,11 +111,17 @@ def run_gradcov(args: argparse.Namespace) -> int:
             _check_writable(args.plot)
     if args.directions < 0:
         raise OptionError(f"--directions must be >= 0, got {args.directions}")
-    model, source = rebuild_model(args.checkpoint, args.step)
+    model_args = _parse_model_args(args.model, args.model_arg)
+    model, source = rebuild_model(args.checkpoint, args.step, model=args.model, model_args=model_args)
     distributed.check_same([source.step], f"{args.checkpoint}: the step")
-    data_spec = args.data or (source.config or {}).get("data", "digits")
-    options = data_options(source.model_name, (source.config or {}).get("args", {}))
-    data = load_dataset(data_spec, split="train", limit=args.examples, **options)
+    config = source.config or {}
+    data_spec = args.data or (config.get("data") if isinstance(config.get("data"), str) else "digits")
+    name = args.model or config.get("name")
+    if model_args is None and name == config.get("name"):
+        model_args = config.get("args") or {}
+    options = {} if not isinstance(name, str) or is_factory_spec(name) else data_options(name, model_args)
+    data = _load_data(data_spec, named=args.data is not None, recorded_in=args.checkpoint,
+                      limit=args.examples, **options)
     if len(data) < 2:
         raise OptionError(f"--data {data_spec}: the gradient variance needs at least 2 examples")
     layer_types = _checkpoint_layers(args.checkpoint, source.step)
@@ -135,7 +150,7 @@ def run_gradcov(args: argparse.Namespace) -> int:
     attrs = {"source": os.path.abspath(args.checkpoint), "step": source.step, "data": data_spec,
              **task.loss.to_attrs()}
     _write(lambda: write_result(output, result, attrs), output)
-    summary = summarize(result)
+    summary = result.to_json()
     summary.update({"output": output, "step": source.step, "data": data_spec, "loss": task.loss.name,
                     "loss_options": task.loss.options(), "skipped_layers": skipped})
     if args.plot:

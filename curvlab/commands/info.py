@@ -21,7 +21,8 @@ def _add_info(commands: argparse._SubParsersAction) -> None:
         "shapes and kinds, traces, diagonal ranges and symmetry errors.",
     )
     p.add_argument("checkpoint", metavar="CKPT")
-    p.add_argument("--step", type=int, action="append", default=None, help="only this step (repeatable)")
+    p.add_argument("--step", type=int, action="append", default=None,
+                   help="only this step, repeatable (default: every step)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=run_info)
 

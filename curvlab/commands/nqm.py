@@ -37,10 +37,10 @@ def _add_nqm(commands: argparse._SubParsersAction) -> None:
         "learning-rate grid and, with --momentum tuned / --ema tuned, a decay grid.",
     )
     s.error = _one_line_parser_error(s)
-    s.add_argument("--target", metavar="C", help="target expected risk (required; the default problem "
-                   "starts at 4.89)")
+    s.add_argument("--target", metavar="C", help="target expected risk (required, no default; the default "
+                   "problem starts at 4.89)")
     s.add_argument("--batch-sizes", metavar="LIST", help="comma-separated batch sizes; items may be "
-                   "powers (2^10) or power-of-two ranges (2^2..2^20) (required)")
+                   "powers (2^10) or power-of-two ranges (2^2..2^20) (required, no default)")
     s.add_argument("--precond", default="0", metavar="P", help="preconditioner power p in [0, 1]: H^-p")
     s.add_argument("--momentum", default="none", metavar="none|tuned|BETA", help="heavy-ball momentum")
     s.add_argument("--ema", default="none", metavar="none|tuned|GAMMA", help="iterate averaging decay")
@@ -65,11 +65,12 @@ def _add_nqm(commands: argparse._SubParsersAction) -> None:
     )
     f.error = _one_line_parser_error(f)
     f.add_argument("number", metavar="N", help="11, 13, 14 (all of 14a, 14b, 14c), 14a, 14b, 14c or 15")
-    f.add_argument("--out", metavar="DIR", help="output folder (required; created if missing)")
+    f.add_argument("--out", metavar="DIR", help="output folder (required, no default; created if missing)")
     f.add_argument("--mode", default=None, metavar="exact|binned", help="problem mode (default: exact, "
                    "binned for Fig. 15)")
     f.add_argument("--d", default="10000", metavar="D", help="dimensions of the default problem")
     f.add_argument("--bins", default="100", metavar="N", help="bins in binned mode")
+    f.add_argument("--json", action="store_true", help="print one JSON object: the files written, per figure")
     f.add_argument("--quiet", action="store_true", help="no progress on stderr")
     f.set_defaults(handler=run_nqm_figure)
 
@@ -234,19 +235,21 @@ def run_nqm_figure(args: argparse.Namespace) -> int:
     problem = _nqm_problem(args, "binned" if names == ["15"] else "exact") if needs_problem else None
 
     def log(text: str) -> None:
-        if not args.quiet:
+        if not args.quiet and not args.json:
             print(text, file=sys.stderr, flush=True)
 
+    from curvlab.progress import progress_bar
+
     written = []
+    entries = []
     reference = None
     for name in names:
         log(f"[nqm figure {name}] computing ({problem.mode + ' mode' if problem else 'closed forms'})")
+        # one bar at a time: Fig. 15's bisection shows its own (a second, outer bar would nest)
         bar = None
-        if not args.quiet and name != "11":
-            from tqdm import tqdm
-
-            total = {"13": len(figures.FIG13_THRESHOLDS), "15": 1}.get(name, len(figures.FIG14_POWERS))
-            bar = tqdm(total=total, desc=f"fig {name}", unit="sweep", leave=False, file=sys.stderr)
+        if name in ("13", "14a", "14b", "14c"):
+            total = len(figures.FIG13_THRESHOLDS) if name == "13" else len(figures.FIG14_POWERS)
+            bar = progress_bar(total=total, desc=f"fig {name}", unit="sweep", enabled=not args.quiet)
         try:
             if name == "11":
                 data = figures.fig11_data()
@@ -272,6 +275,12 @@ def run_nqm_figure(args: argparse.Namespace) -> int:
         _write(write_json, js)
         _write(lambda path=png, payload=data: save_figure(plot_figure(payload), path), png)
         written += [png, js]
+        entries.append({"figure": name, "png": png, "json": js,
+                        "mode": problem.mode if problem and name != "11" else "closed forms",
+                        "d": problem.d if problem and name != "11" else None})
         log(f"[nqm figure {name}] wrote {png} and {js}")
-    print("wrote " + ", ".join(written))
+    if args.json:
+        print(json.dumps({"out": args.out, "figures": entries}))
+    else:
+        print("wrote " + ", ".join(written))
     return 0

@@ -29,11 +29,13 @@ def _add_spectrum(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", metavar="CKPT")
     p.add_argument("--step", default="latest", metavar="S|all|latest", help="step(s) (default: latest)")
-    p.add_argument("--layers", action="append", default=None, metavar="GLOB", help="layers (repeatable)")
+    p.add_argument("--layers", action="append", default=None, metavar="GLOB",
+                   help="layers, repeatable (default: all)")
     p.add_argument("-o", "--output", default=None, metavar="OUT.h5", help="default: CKPT's name.spectrum.h5")
-    p.add_argument("--plot", default=None, metavar="P.png", help="eigenvalue density plot (PNG/PDF/SVG)")
+    p.add_argument("--plot", default=None, metavar="P.png",
+                   help="eigenvalue density plot (PNG/PDF/SVG; default: no plot)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto: cuda if a GPU is visible")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="eigh precision")
     p.add_argument("--no-vectors", action="store_true", help="eigenvalues only (faster, smaller file)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

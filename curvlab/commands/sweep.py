@@ -14,7 +14,7 @@ import os
 import sys
 
 from curvlab.choices import DATA_SOURCES, DEVICE_CHOICES, FISHER_TYPES, OPTIMIZERS
-from curvlab.commands.common import _add_model_options, _check_writable, _positive_int
+from curvlab.commands.common import _add_model_options, _check_writable, _parse_model_args, _positive_int
 from curvlab.errors import OptionError
 
 #: Options that make up a :class:`curvlab.sweep.config.SweepConfig` (None: not given).
@@ -103,10 +103,9 @@ def _given(args: argparse.Namespace) -> dict:
         given["optimizers"] = parse_list("--optimizers", args.optimizers)
     if args.batch_sizes is not None:
         given["batch_sizes"] = parse_list("--batch-sizes", args.batch_sizes, int)
-    if args.model_arg:
-        from curvlab.models import parse_model_args
-
-        given["model_args"] = parse_model_args(args.model_arg)
+    model_args = _parse_model_args(args.model, args.model_arg)
+    if model_args is not None:
+        given["model_args"] = model_args
     if args.space:
         given["space"] = _space(args.space)
     return given

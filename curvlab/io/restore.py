@@ -2,10 +2,15 @@
 
 Weights are read from HDF5 (never unpickled); a checkpoint without weights, without a model config,
 or whose weights do not fit the rebuilt model gives a one-line :class:`CheckpointError`.
+
+A model that a user's factory built (its config names ``"factory"``) is rebuilt only with the factory
+the user names now (``model``, ``model_args``): the recorded spec is never imported or called
+(:mod:`curvlab.usercode`, docs/models.md "Own models").
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +21,8 @@ from torch import nn
 from curvlab.errors import CheckpointError
 from curvlab.io.checkpoint import CheckpointReader
 from curvlab.models import build_from_config
+from curvlab.models.factory import rebuild_factory_model
+from curvlab.usercode import is_factory_spec, recorded_factory, require_named
 
 
 @dataclass
@@ -65,14 +72,46 @@ def load_weights(model: nn.Module, source: StepWeights) -> None:
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in source.weights.items()})
 
 
-def rebuild_model(path: str, step: int | None = None) -> tuple[nn.Module, StepWeights]:
-    """The model a checkpoint was written with, holding the weights of ``step``, in eval mode."""
+def rebuild_model(
+    path: str,
+    step: int | None = None,
+    *,
+    model: str | None = None,
+    model_args: Mapping[str, Any] | None = None,
+) -> tuple[nn.Module, StepWeights]:
+    """The model a checkpoint was written with, holding the weights of ``step``, in eval mode.
+
+    ``model`` / ``model_args``: what the user named (``--model``, ``--model-arg``; ``None``: not
+    given). A factory-built model needs them (see the module docstring); a registry model is rebuilt
+    from its recorded config, or as the user names it.
+    """
     source = read_step_weights(path, step)
-    if not source.config:
-        raise CheckpointError(f"{path}: has no /model config: cannot rebuild its model")
-    try:
-        model = build_from_config(source.config)
-    except Exception as exc:  # a config from another version or hand-written: say which file
-        raise CheckpointError(f"{path}: cannot rebuild its model from /model config: {exc}") from None
-    load_weights(model, source)
-    return model.eval(), source
+    recorded = recorded_factory(source.config) or (
+        source.model_name if is_factory_spec(source.model_name) else None)
+    if is_factory_spec(model):
+        built = rebuild_factory_model(source.config or {}, model or "", model_args, path)
+    elif model is not None:
+        built = _registry_model(source, model, model_args, path)
+    elif recorded is not None:
+        require_named(recorded, model, path, args=(source.config or {}).get("args"), error=CheckpointError)
+        raise AssertionError("unreachable")  # pragma: no cover (require_named raised)
+    else:
+        if not source.config:
+            raise CheckpointError(f"{path}: has no /model config: cannot rebuild its model (pass --model)")
+        try:
+            built = build_from_config(source.config)
+        except Exception as exc:  # a config from another version or hand-written: say which file
+            raise CheckpointError(f"{path}: cannot rebuild its model from /model config: {exc}") from None
+    load_weights(built, source)
+    return built.eval(), source
+
+
+def _registry_model(source: StepWeights, name: str, args: Mapping[str, Any] | None, path: str) -> nn.Module:
+    """A registry model the user named, with the recorded shape (and arguments, if they give none)."""
+    config = dict(source.config or {})
+    if args is None and config.get("name") == name:
+        args = config.get("args") or {}
+    shape, classes = config.get("input_shape"), config.get("num_classes")
+    if shape is None or classes is None:
+        raise CheckpointError(f"{path}: /model config has no input_shape and num_classes to build {name} for")
+    return build_from_config({"name": name, "input_shape": shape, "num_classes": classes, "args": args or {}})

@@ -14,12 +14,16 @@ See ``docs/models.md``.
 A model's full description is its *config* (:func:`model_config`), a JSON-serialisable dict
 ``{"name", "input_shape", "num_classes", "args"}`` with every argument filled in;
 :func:`build_from_config` is its inverse (used to rebuild a model from a checkpoint's ``/model``).
+A model built here, or by a user's factory (:mod:`curvlab.models.factory`), remembers its config
+(:func:`config_of`), which is what :func:`curvlab.save_factors` records. A config that names a
+factory is never built from a file's say-so: :func:`build_from_config` refuses it.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +37,8 @@ __all__ = [
     "available_models",
     "build_from_config",
     "build_model",
+    "config_of",
+    "recordable_config",
     "data_options",
     "model_config",
     "model_descriptions",
@@ -345,13 +351,63 @@ def build_model(
     ``torch.manual_seed(s)`` before the call makes the model reproducible.
     """
     config = model_config(name, input_shape, num_classes, args)
-    return _REGISTRY[name].builder(tuple(config["input_shape"]), num_classes, **config["args"])
+    model = _REGISTRY[name].builder(tuple(config["input_shape"]), num_classes, **config["args"])
+    remember_config(model, config)
+    return model
+
+
+#: model -> the config it was built from (weak: a model that goes away takes its entry with it)
+_CONFIGS: weakref.WeakKeyDictionary[nn.Module, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def remember_config(model: nn.Module, config: Mapping[str, Any]) -> None:
+    """Remember the config ``model`` was built from (:func:`config_of` gives it back)."""
+    _CONFIGS[model] = dict(config)
+
+
+def config_of(model: nn.Module) -> dict[str, Any] | None:
+    """The config of a model built by :func:`build_model` or by a factory (``None`` for any other
+    module): what a checkpoint's ``/model`` records to rebuild it."""
+    config = _CONFIGS.get(model)
+    return None if config is None else dict(config)
+
+
+class ConfigWarning(UserWarning):
+    """A model's config could not be recorded (whole or in part): rebuilding it will need more."""
+
+
+def recordable_config(model: nn.Module, where: str) -> dict[str, Any] | None:
+    """:func:`config_of` ``model``, for a checkpoint at ``where``; one :class:`ConfigWarning` line says
+    what is missing (the whole config of a module curvlab did not build; a shape it was not given)."""
+    import warnings
+
+    config = config_of(model)
+    if config is None:
+        warnings.warn(
+            f"{where}: no model config recorded: this {type(model).__name__} was not built by "
+            "curvlab.build_model, so `curvlab gradcov` and `factors --weights` cannot rebuild it; build it "
+            "with curvlab.build_model (a registry name or your factory PATH.py:FUNC) or pass model_config=",
+            ConfigWarning, stacklevel=3)
+        return None
+    unknown = [key for key in ("input_shape", "num_classes") if config.get(key) is None]
+    if unknown:
+        warnings.warn(
+            f"{where}: model config recorded without {' and '.join(unknown)} (build the model with "
+            "input_shape=... and num_classes=... to record them)", ConfigWarning, stacklevel=3)
+    return config
 
 
 def build_from_config(config: Mapping[str, Any]) -> nn.Module:
-    """Rebuild the model described by :func:`model_config`'s output (e.g. from a checkpoint)."""
+    """Rebuild the model described by :func:`model_config`'s output (e.g. from a checkpoint).
+
+    A config that names a factory (``"factory"``) is refused: it was read from a file, and a factory
+    is built only when the user names it (:func:`curvlab.models.factory.rebuild_factory_model`).
+    """
     if not isinstance(config, Mapping):
         raise ModelError(f"model config must be a mapping, got {type(config).__name__}")
+    if "factory" in config:
+        raise ModelError(f"model config names the factory {config['factory']!r}: it is rebuilt only with "
+                         "--model naming it (curvlab.models.factory.rebuild_factory_model)")
     missing = [key for key in ("name", "input_shape", "num_classes") if key not in config]
     if missing:
         raise ModelError(f"model config is missing {', '.join(missing)} (has: {sorted(config)})")

@@ -567,8 +567,11 @@ def steps_to_target(problem: Problem, target: float, batch_sizes: Sequence[float
 
 
 def _progress_bar(enabled: bool, total: int, unit: str):
-    if not enabled:
-        return None
-    from tqdm import tqdm
+    """A bar on stderr when ``enabled`` and stderr is a terminal (:mod:`curvlab.progress`), else ``None``."""
+    from curvlab.progress import stderr_is_terminal
 
-    return tqdm(total=total, unit=unit, leave=False, dynamic_ncols=True)
+    if not enabled or not stderr_is_terminal():
+        return None
+    from curvlab.progress import progress_bar
+
+    return progress_bar(total=total, unit=unit)

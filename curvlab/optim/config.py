@@ -25,12 +25,18 @@ DEFAULT_LR = {"sgd": 0.1, "momentum": 0.05, "adam": 1e-3, "kfac": 0.05}
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run (see ``curvlab train --help`` and docs/training.md)."""
+    """Everything that defines a training run (see ``curvlab train --help`` and docs/training.md).
+
+    ``model`` is a registry name or a factory spec (``PATH.py:FUNC``) and ``data`` a data source or a
+    data factory: the caller names them, and :func:`curvlab.optim.train.train` builds and loads them.
+    Every other field has the command line's default; ``data`` defaults to ``digits`` (``pystdlib`` for
+    ``transformer_shallow``), ``lr`` to :data:`DEFAULT_LR` of the optimizer, ``decay_steps`` to ``steps``.
+    """
 
     model: str
-    data: str
-    optimizer: str
     steps: int
+    data: str | None = None
+    optimizer: str = "kfac"
     batch_size: int = 128
     lr: float | None = None
     model_args: dict[str, Any] = field(default_factory=dict)
@@ -58,8 +64,12 @@ class TrainConfig:
     seed: int = 0
 
     def resolved(self) -> TrainConfig:
-        """A copy with defaults that depend on other fields filled in (lr, decay_steps), checked."""
+        """A copy with defaults that depend on other fields filled in (data, lr, decay_steps), checked."""
         config = dataclasses.replace(self, model_args=dict(self.model_args), save_steps=list(self.save_steps))
+        if config.data is None:
+            from curvlab.optim.train import default_data
+
+            config.data = default_data(config.model, config.model_args)
         if config.lr is None:
             config.lr = DEFAULT_LR.get(config.optimizer, 0.1)
         if config.decay_steps is None:
@@ -120,6 +130,24 @@ class TrainConfig:
             return cls(**data).resolved()
         except (TypeError, OptionError) as exc:
             raise CheckpointError(f"{path}: bad training config ({exc})") from None
+
+
+def resume_options(stored: TrainConfig, given: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The options of a resumed run: the stored ones (``where``: its config.json), overridden by ``given``.
+
+    A factory is never taken from the file (:mod:`curvlab.usercode`): a stored model or data factory,
+    and a factory's arguments, must be in ``given`` (named again by the user), else one line names them.
+    """
+    from curvlab.errors import DataError, ModelError
+    from curvlab.usercode import is_data_factory_spec, is_factory_spec, require_named
+
+    if is_factory_spec(stored.model):
+        require_named(stored.model, given.get("model"), where, args=stored.model_args, error=ModelError)
+        if stored.model_args and "model_args" not in given:
+            require_named(stored.model, None, where, args=stored.model_args, error=ModelError)
+    if is_data_factory_spec(stored.data):
+        require_named(str(stored.data), given.get("data"), where, option="--data", error=DataError)
+    return {**stored.to_json(), **given}
 
 
 def _choice(option: str, value: str, choices: tuple[str, ...]) -> None:

@@ -75,6 +75,7 @@ from curvlab.capture.factors import FactorAccumulator, FactorSet, layer_factors
 from curvlab.capture.task import Task, batch_context, default_task
 from curvlab.errors import CheckpointError, OptionError
 from curvlab.io.checkpoint import LayerFactors
+from curvlab.optim.config import DEFAULT_LR
 
 __all__ = ["KFAC", "mean_cross_entropy"]
 
@@ -155,8 +156,8 @@ class KFAC:
         self,
         model: nn.Module,
         *,
-        lr: float,
-        damping: float,
+        lr: float = DEFAULT_LR["kfac"],
+        damping: float = 1e-2,
         momentum: float = 0.9,
         factor_decay: float = 0.95,
         kl_clip: float | None = 1e-3,

@@ -38,8 +38,8 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -172,11 +172,16 @@ class _Run:
 
 
 def _build(config: TrainConfig, run_dir: str, device: torch.device, data: Any = None) -> _Run:
-    from curvlab.io.data import load_dataset
-    from curvlab.models import build_model, data_options, model_config
+    from curvlab.io.data import data_factory_spec, load_dataset, load_factory_data
+    from curvlab.models import build_model, config_of, data_options
+    from curvlab.models.factory import build_factory_model, check_forward
+    from curvlab.usercode import is_factory_spec
 
-    if data is None:
-        options = data_options(config.model, config.model_args)
+    factory = is_factory_spec(config.model)
+    if data is None and data_factory_spec(config.data):
+        data = load_factory_data(config.data, split="train", limit=config.examples)
+    elif data is None:
+        options = {} if factory else data_options(config.model, config.model_args)
         data = load_dataset(config.data, split="train", limit=config.examples, **options)
     if config.batch_size > len(data):
         raise OptionError(
@@ -187,12 +192,14 @@ def _build(config: TrainConfig, run_dir: str, device: torch.device, data: Any = 
         raise OptionError(f"--batch-size {config.batch_size} is smaller than the {ctx.world_size} processes: "
                           "every process needs at least one example of each batch")
     torch.manual_seed(config.seed)
-    model = build_model(config.model, data.input_shape, data.num_classes, config.model_args).to(device)
-    model.train()
+    build = build_factory_model if factory else build_model
+    model = build(config.model, data.input_shape, data.num_classes, config.model_args)
+    if factory:
+        check_forward(model, data, f"--model {config.model} on --data {config.data}")
+    model.to(device).train()
     task = Task(make_loss(config.loss, ignore_index=config.ignore_index,
                           label_smoothing=training_label_smoothing(config, model)))
-    described = model_config(config.model, data.input_shape, data.num_classes, config.model_args)
-    described["data"] = config.data
+    described = {**(config_of(model) or {}), "data": config.data}
     factor_count = min(config.factor_examples, len(data))
     factor_data = dataclasses.replace(data, x=data.x[:factor_count], y=data.y[:factor_count])
     optimizer = make_optimizer(config, model, _data_parallel(model, device, ctx), task)
@@ -343,12 +350,31 @@ def train(
     distributed.barrier("checking the run folder")
     device = torch.device(device)
     run = _build(config, run_dir, device)
+    if start is not None:
+        run.model_config = _recorded_model(run)
     try:
         summary = _loop(run, start, progress and ctx.is_main)
     finally:
         run.optimizer.close()
     summary["resumed_from"] = start
     return summary
+
+
+def _recorded_model(run: _Run) -> dict[str, Any]:
+    """On resume, the model config ``ckpt.h5`` recorded (the steps appended next must agree with it);
+    a factory file changed since is a one-line warning (:func:`curvlab.usercode.check_recorded`)."""
+    from curvlab.io.checkpoint import CheckpointReader
+    from curvlab.usercode import FactoryWarning, recorded_factory
+
+    with CheckpointReader(run.checkpoint) as reader:
+        recorded = reader.model_config
+    if recorded is None:
+        return run.model_config
+    sha, now = recorded.get("factory_sha256"), run.model_config.get("factory_sha256")
+    if recorded_factory(recorded) and isinstance(sha, str) and now and sha != now:
+        warnings.warn(f"{run.checkpoint}: {run.model_config.get('factory_file')} has changed since the run "
+                      f"recorded it (sha256 {now[:12]}…, recorded {sha[:12]}…)", FactoryWarning, stacklevel=2)
+    return recorded
 
 
 def _loop(run: _Run, start: int | None, progress: bool) -> dict[str, Any]:
@@ -461,10 +487,9 @@ def _batch_loss(loss: Tensor, ctx: distributed.Context, what: str) -> float:
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
-    from tqdm import tqdm
+    from curvlab.progress import progress_bar
 
-    return tqdm(total=total, initial=initial, desc="train", unit="step", file=sys.stderr,
-                disable=not enabled, leave=False)
+    return progress_bar(total=total, initial=initial, desc="train", unit="step", enabled=enabled)
 
 
 def _project_weights(model: nn.Module) -> None:
@@ -477,7 +502,11 @@ def _project_weights(model: nn.Module) -> None:
 
 
 def default_data(model: str, model_args: Mapping[str, Any] | None = None) -> str:
-    """``pystdlib`` for a model that takes token sequences (it dictates ``vocab``), else ``digits``."""
+    """``pystdlib`` for a model that takes token sequences (it dictates ``vocab``), else ``digits`` (also
+    for a factory's model)."""
     from curvlab.models import data_options
+    from curvlab.usercode import is_factory_spec
 
+    if is_factory_spec(model):
+        return "digits"
     return "pystdlib" if "vocab" in data_options(model, model_args or {}) else "digits"

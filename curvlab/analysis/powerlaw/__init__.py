@@ -20,9 +20,11 @@ proper statistics; the derivation is written out in ``docs/powerlaw.md``. In sho
   :class:`FitError`.
 * **Entry points** (:mod:`~curvlab.analysis.powerlaw.fit`): :func:`fit_rank_law`,
   :func:`fit_spectrum`, :func:`default_floor`, :func:`kronecker_floor`.
+* **A network's spectrum** (:mod:`~curvlab.analysis.powerlaw.network`): :func:`fit_network` and its
+  :class:`NetworkFit`, what ``curvlab fit`` and :func:`curvlab.fit` report.
 
 Each module imports only modules listed before it here: ``estimator``, ``models``, ``result``,
-``window``, ``compare``, ``fit``.
+``window``, ``compare``, ``fit``, ``network``.
 """
 
 from curvlab.analysis.powerlaw.estimator import DENSE_RANKS, GRID_RATIO, rank_grid
@@ -34,6 +36,7 @@ from curvlab.analysis.powerlaw.fit import (
     fit_spectrum,
     kronecker_floor,
 )
+from curvlab.analysis.powerlaw.network import NetworkFit, fit_network
 from curvlab.analysis.powerlaw.result import FitError, ModelFit, RankLawFit
 from curvlab.analysis.powerlaw.window import ks_distance, parse_window, window_candidates
 
@@ -44,8 +47,10 @@ __all__ = [
     "THIN_GRID_RATIO",
     "FitError",
     "ModelFit",
+    "NetworkFit",
     "RankLawFit",
     "default_floor",
+    "fit_network",
     "fit_rank_law",
     "fit_spectrum",
     "kronecker_floor",

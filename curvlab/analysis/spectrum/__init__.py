@@ -48,6 +48,7 @@ from curvlab.analysis.spectrum.files import (
     compute_spectrum,
     default_output_path,
     load_layer_eigenvalues,
+    spectrum_of_factors,
 )
 from curvlab.analysis.spectrum.kronecker import KroneckerSpectrum
 from curvlab.analysis.spectrum.sharing import assign_batches, assign_factors, factor_cost, plan_batches
@@ -76,6 +77,7 @@ __all__ = [
     "negative_tolerance",
     "plan_batches",
     "solver_resolution",
+    "spectrum_of_factors",
     "spectrum_summary",
     "step_summary",
 ]

@@ -453,11 +453,9 @@ def _factor_items(
 
     With ``only``, just those factors: a layer holding none of them is not read.
     """
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    from curvlab.progress import progress_bar
 
-        bar = tqdm(total=len(names), desc=f"spectrum step {step}", unit="layer", leave=False)
+    bar = progress_bar(total=len(names), desc=f"spectrum step {step}", unit="layer", enabled=progress)
     try:
         for name in names:
             wanted = [w for w in ("S", "A") if only is None or (name, w) in only]
@@ -467,11 +465,9 @@ def _factor_items(
             for which in wanted:
                 yield (name, which), getattr(layer, which)
             del layer
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
 
 
 def decompose_checkpoint(

@@ -34,6 +34,7 @@ from curvlab.analysis.spectrum.engine import (
     _check_dtype_name,
     _resolve_device,
     decompose_checkpoint,
+    decompose_factors,
 )
 from curvlab.analysis.spectrum.kronecker import KroneckerSpectrum
 from curvlab.analysis.spectrum.sharing import _check_same_batches, _process_group, _send_share, _step_factors
@@ -130,14 +131,34 @@ class StepSpectrum:
 
 @dataclass
 class SpectrumResult:
-    """What :func:`compute_spectrum` did: where it wrote, how, and every step's eigenvalues."""
+    """What :func:`compute_spectrum` did: where it wrote, how, and every step's eigenvalues.
 
-    source: str
+    ``source`` is ``None`` for factors decomposed in memory (:func:`spectrum_of_factors`).
+    """
+
+    source: str | None
     output: str | None
     device: str
     dtype: str
     vectors: bool
     steps: list[StepSpectrum]
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``curvlab spectrum --json`` object (:func:`~.summary.spectrum_summary`)."""
+        from curvlab.analysis.spectrum.summary import spectrum_summary
+
+        return spectrum_summary(self)
+
+    def step(self, step: int | str = "latest") -> StepSpectrum:
+        """One step's decomposition: a step number or ``"latest"``."""
+        if not self.steps:
+            raise OptionError("the spectrum holds no step")
+        if step == "latest":
+            return self.steps[-1]
+        for s in self.steps:
+            if s.step == step:
+                return s
+        raise OptionError(f"step {step!r}: not in the spectrum (steps: {[s.step for s in self.steps]})")
 
 
 def default_output_path(checkpoint: str | os.PathLike) -> str:
@@ -313,6 +334,41 @@ def _eigenvalues_only(reader: CheckpointReader, step: int, names: list[str], opt
         layers[name].num_unresolved[which] = eig.num_unresolved
         layers[name].retries[which] = eig.retries
     return StepSpectrum(step, attrs["fisher_type"], attrs["num_examples"], list(layers.values()))
+
+
+def spectrum_of_factors(
+    factors: Any,
+    *,
+    layers: Sequence[str] | None = None,
+    device: str = "auto",
+    dtype: str = "float64",
+    step: int = 0,
+) -> SpectrumResult:
+    """The eigenvalues of factors held in memory (a :class:`~curvlab.capture.factors.FactorSet` or any
+    mapping of layer names to :class:`~curvlab.io.checkpoint.LayerFactors`), as one step of a
+    :class:`SpectrumResult` — what :func:`compute_spectrum` gives for a checkpoint, without a file.
+    ``layers``: fnmatch globs, each of which must match."""
+    _check_dtype_name(dtype)
+    dev = _resolve_device(device)
+    patterns = list(layers) if layers is not None else None
+    used: set[str] = set()
+    names = _select_layers(list(factors), patterns, used)
+    _check_patterns("factors", patterns, used)
+    if not names:
+        raise OptionError("no layer to decompose")
+    out = {
+        n: LayerSpectrum(n, f.module_type, tuple(f.weight_shape), bool(f.has_bias), np.empty(0), np.empty(0))
+        for n, f in ((n, factors[n]) for n in names)
+    }
+    items = (((n, which), getattr(factors[n], which)) for n in names for which in ("S", "A"))
+    for (name, which), eig in decompose_factors(items, device=dev, dtype=dtype, vectors=False):
+        setattr(out[name], which, eig.eigenvalues)
+        out[name].num_clipped[which] = eig.num_clipped
+        out[name].num_unresolved[which] = eig.num_unresolved
+        out[name].retries[which] = eig.retries
+    fisher_type = str(getattr(factors, "fisher_type", ""))
+    result = StepSpectrum(step, fisher_type, int(getattr(factors, "num_examples", 0)), list(out.values()))
+    return SpectrumResult(None, None, dev.type, dtype, False, [result])
 
 
 # --------------------------------------------------------------------------------------------------

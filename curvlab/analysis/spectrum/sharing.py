@@ -300,16 +300,14 @@ def _gather_share(
     world_size = distributed.context().world_size
     share = _share(reader, step, names, options)
     owner = share.owner()
-    bar = None
-    if options["progress"]:
-        from tqdm import tqdm
+    from curvlab.progress import progress_bar
 
-        bar = tqdm(total=len(share.factors), desc=f"spectrum step {step}", unit="factor", leave=False)
+    bar = progress_bar(total=len(share.factors), desc=f"spectrum step {step}", unit="factor",
+                       enabled=bool(options["progress"]))
     try:
         for layer, which, eig in _decompose_batches(reader, step, names, share.batches_of(0), options):
             yield layer, which, eig
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
         device = distributed._collective_device()
         for rank in range(1, world_size):
             for (layer, which), n, kind in share.factors:
@@ -319,11 +317,9 @@ def _gather_share(
                                             f"from process {rank}"):
                     eig = _receive_eig(rank, n, kind, device)
                 yield layer, which, eig
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
 
 
 def _step_factors(

@@ -10,7 +10,11 @@ A data set is named by a *spec* string (``--data`` on the command line, :data:`D
   read through a restricted unpickler — :mod:`curvlab.io.data.cifar10`;
 * ``pystdlib``: the embedded language-modelling corpus (the running Python's standard-library
   sources), and ``text:PATH``: any UTF-8 text file, both as next-token prediction data —
-  :mod:`curvlab.io.data.text`.
+  :mod:`curvlab.io.data.text`;
+* ``PATH.py:FUNC`` / ``package.module:FUNC``: the user's own data factory —
+  :func:`load_factory_data` (:mod:`curvlab.io.data.user`). It runs the user's code, so
+  :func:`load_dataset` refuses such a spec (it may have been read from a file) and the caller who
+  named it calls :func:`load_factory_data`.
 
 Splits are ``train``, ``test`` and ``all``; ``limit`` keeps the first ``limit`` examples of the
 split. Every problem with a file raises :class:`~curvlab.errors.DataError` (one line naming the
@@ -56,6 +60,8 @@ from curvlab.io.data.text import (
 )
 from curvlab.io.data.text import PYSTDLIB_SKIP as PYSTDLIB_SKIP
 from curvlab.io.data.text import TEXT_TEST_EVERY as TEXT_TEST_EVERY
+from curvlab.io.data.user import load_factory_data
+from curvlab.usercode import is_data_factory_spec as data_factory_spec
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -71,9 +77,11 @@ __all__ = [
     "UNK",
     "Dataset",
     "build_vocabulary",
+    "data_factory_spec",
     "is_python",
     "iterate_batches",
     "load_dataset",
+    "load_factory_data",
     "pystdlib_files",
     "python_tokens",
     "text_split_mask",
@@ -122,9 +130,12 @@ def load_dataset(
     elif source == "text" and path:
         options = _text_options(spec, vocab, seq_len)
         dataset = _load_text(Path(path).expanduser(), split, *options)
+    elif data_factory_spec(spec):
+        raise DataError(f"{spec}: a data factory (code): load it with curvlab.io.data.load_factory_data, "
+                        "which only the caller who named it may call (docs/data.md, \"Own data\")")
     else:
         valid = ", ".join(SOURCE_FORMS)
-        raise DataError(f"unknown data source {spec!r} (valid sources: {valid})")
+        raise DataError(f"unknown data source {spec!r} (valid sources: {valid}, or PATH.py:FUNC)")
     dataset.name = spec
     if limit is not None and limit < len(dataset):
         # clone: a view would keep the whole split alive
