@@ -179,6 +179,8 @@ def gradcov(
         raise OptionError(f"curvature {curvature!r}: choose auto, exact, mc or fvp")
     if isinstance(directions, bool) or not isinstance(directions, int) or directions < 0:
         raise OptionError(f"directions {directions!r}: must be an integer >= 0")
+    if task is None:  # the loss the factors were made with (a step or FactorSet records it), as the command
+        task = Task(_recorded_loss(factors, step))
     task = default_task(task)
     work = copy.deepcopy(model).to(dtype=dtype).eval()
     data = [Task.move(batch, dtype=dtype) for batch in batches]
@@ -201,6 +203,23 @@ def gradcov(
         bases = {name: LayerBasis.from_factors(factors[name].S, factors[name].A) for name in names}
     return run_gradcov(work, data, bases, route=curvature, directions=directions, mc_samples=mc_samples,
                        seed=seed, task=task)
+
+
+def _recorded_loss(factors: Any, step: int | None) -> Any:
+    """The loss a checkpoint step or a FactorSet records (softmax cross-entropy where none is recorded)."""
+    from curvlab.capture.loss import loss_from_attrs
+
+    if isinstance(factors, str | os.PathLike):
+        from curvlab.io.checkpoint import CheckpointReader
+
+        path = os.fspath(factors)
+        with CheckpointReader(path) as reader:
+            numbers = reader.step_numbers()
+            if not numbers:
+                return loss_from_attrs({})
+            chosen = numbers[-1] if step is None else step
+            return loss_from_attrs(reader.step_attrs(chosen), f"{path}: step {chosen}")
+    return loss_from_attrs(getattr(factors, "attrs", {}) or {})
 
 
 def _batch_size(labels: Any) -> int:

@@ -28,6 +28,7 @@ from torch import nn
 
 from curvlab.analysis.curvature import directional_curvature
 from curvlab.analysis.gradcov import DirectionStatistics, LayerBasis, project_gradients
+from curvlab.capture.loss import Loss
 from curvlab.capture.task import Task, batch_context, default_task
 
 #: ``--curvature auto`` takes the exact route up to this many backward passes per batch.
@@ -56,10 +57,15 @@ class GradcovResult:
     selected: dict[str, list[tuple[int, int]]]
     fvp_curvature: dict[str, np.ndarray]
     route: str
+    loss: Loss | None = None  #: the loss whose Fisher gave the curvature (None: softmax cross-entropy)
 
     def to_json(self) -> dict[str, Any]:
-        """The ``curvlab gradcov --json`` summary (:func:`summarize`; the command adds the files it wrote)."""
-        return summarize(self)
+        """The ``curvlab gradcov --json`` summary (:func:`summarize`, with the loss; the command adds the
+        files it wrote)."""
+        summary = summarize(self)
+        if self.loss is not None:
+            summary.update({"loss": self.loss.name, "loss_options": self.loss.options()})
+        return summary
 
 
 def bases_from_checkpoint(path: str, step: int, layers: Sequence[str] | None = None) -> dict[str, LayerBasis]:
@@ -122,7 +128,7 @@ def run_gradcov(
             directional_curvature(model, name, vectors, batches, task=task).cpu().numpy()
             if picks else np.zeros(0)
         )
-    return GradcovResult(stats, selected, fvp, route)
+    return GradcovResult(stats, selected, fvp, route, task.loss)
 
 
 NULL_FLOOR = 1e-12

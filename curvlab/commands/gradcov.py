@@ -151,8 +151,7 @@ def run_gradcov(args: argparse.Namespace) -> int:
              **task.loss.to_attrs()}
     _write(lambda: write_result(output, result, attrs), output)
     summary = result.to_json()
-    summary.update({"output": output, "step": source.step, "data": data_spec, "loss": task.loss.name,
-                    "loss_options": task.loss.options(), "skipped_layers": skipped})
+    summary.update({"output": output, "step": source.step, "data": data_spec, "skipped_layers": skipped})
     if args.plot:
         from curvlab.plots.gradcov import plot_variance_vs_curvature
 

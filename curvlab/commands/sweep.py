@@ -34,27 +34,33 @@ def _add_sweep(commands: argparse._SubParsersAction) -> None:
         "study database (SWEEP/study.db, or --storage URL) that --worker processes share and that "
         "--resume continues after a kill.",
     )
-    _add_model_options(p, required=False)
+    _add_model_options(p, required=False, rebuild="required, no default; with --resume or --worker: the "
+                       "sweep's model (a factory must be named again, docs/models.md)")
     p.add_argument("--data", default=None, help=f"data source: {DATA_SOURCES} (default: digits for the image "
                    "models, pystdlib for transformer_shallow)")
-    p.add_argument("--examples", type=_positive_int, default=None, help="train on the first N examples only")
+    p.add_argument("--examples", type=_positive_int, default=None,
+                   help="train on the first N examples only (default: all)")
     p.add_argument("--optimizers", default=None, metavar="LIST",
-                   help=f"comma-separated, from {','.join(OPTIMIZERS)}")
-    p.add_argument("--batch-sizes", default=None, metavar="LIST", help="comma-separated, e.g. 16,32,64,128")
+                   help=f"comma-separated, from {','.join(OPTIMIZERS)} (required, no default)")
+    p.add_argument("--batch-sizes", default=None, metavar="LIST",
+                   help="comma-separated, e.g. 16,32,64,128 (required, no default)")
     p.add_argument("--target", default=None, metavar="METRIC=VALUE",
-                   help="loss=X (mean training objective) or error=X (classification error)")
+                   help="loss=X (mean training objective) or error=X (classification error); required, "
+                   "no default")
     p.add_argument("--eval-split", choices=("train", "test"), default=None,
                    help="split the target is measured on (default: train for loss, test for error)")
     p.add_argument("--eval-every", default=None, metavar="K|R%",
                    help="check the target every K steps, or on a geometric grid R%% apart (default: 5%%)")
     p.add_argument("--trials", type=_positive_int, default=None,
-                   help="search trials per (optimizer, batch size)")
-    p.add_argument("--max-steps", type=_positive_int, default=None, help="step budget of every trial")
+                   help="search trials per (optimizer, batch size) (required, no default)")
+    p.add_argument("--max-steps", type=_positive_int, default=None,
+                   help="step budget of every trial (required, no default)")
     p.add_argument("--seeds", type=_positive_int, default=None, help="re-runs of the best trial (default: 3)")
     p.add_argument("--seed", type=_nonnegative_int, default=None,
                    help="seed of the search trials; the re-runs use seed+1..seed+K (default: 0)")
     p.add_argument("--space", action="append", default=[], metavar="[OPT.]NAME=LOW:HIGH|VALUE",
-                   help="replace a search range or fix a parameter (repeatable; names in docs/sweep.md)")
+                   help="replace a search range or fix a parameter (repeatable; names in docs/sweep.md; "
+                   "default: the documented ranges)")
     p.add_argument("--fisher", choices=FISHER_TYPES, default=None, help="K-FAC's Fisher type (default: mc)")
     p.add_argument("--inverse-update-every", type=_positive_int, default=None, help="K-FAC (default: 10)")
     p.add_argument("--factor-examples", type=_positive_int, default=None,
@@ -63,15 +69,17 @@ def _add_sweep(commands: argparse._SubParsersAction) -> None:
                    help="Optuna RDB URL shared by workers on several machines (default: sqlite in SWEEP/)")
     p.add_argument("--worker", action="store_true",
                    help="join the sweep recorded in --storage (or -o) and run its trials; writes no results")
-    p.add_argument("--workers", type=_positive_int, default=1, help="worker processes on this machine (1)")
+    p.add_argument("--workers", type=_positive_int, default=1,
+                   help="worker processes on this machine (default: 1)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch threads per worker (default: this machine's cores / --workers)")
     p.add_argument("--heartbeat", type=_positive_int, default=None, metavar="SECONDS",
                    help="trial heartbeat; a trial silent for twice this is failed and retried (default: 30)")
     p.add_argument("--resume", action="store_true", help="continue the sweep in SWEEP/ (or --storage)")
-    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto: cuda if a GPU is visible")
     p.add_argument("--plot", default=None, metavar="PNG", help="the figure (default: SWEEP/steps.png)")
-    p.add_argument("-o", "--output", default=None, metavar="SWEEP/", help="the sweep folder")
+    p.add_argument("-o", "--output", default=None, metavar="SWEEP/",
+                   help="the sweep folder (default: none; --worker may name the sweep by --storage instead)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(handler=run_sweep)
