@@ -258,7 +258,8 @@ def slq(
     """Stochastic Lanczos quadrature (module docstring): steps and probes from :func:`slq_plan` unless given.
 
     Fewer steps or probes than the plan are allowed but then the result carries no guarantee
-    (``accuracy=None``), unless every probe's Krylov space was exhausted (the quadrature is then exact).
+    (``accuracy=None``) — except that fewer steps do no harm when every probe's Krylov space was
+    exhausted (the quadrature is then exact; the probes' sampling error remains).
     """
     matvec, dim = as_matvec(operator)
     plan_steps, plan_probes = slq_plan(dim, accuracy, failure)
@@ -279,7 +280,8 @@ def slq(
         weights.append(s[0] ** 2 / (s[0] ** 2).sum())
         matvecs += run.matvecs
         exhausted_all &= run.exhausted
-    guaranteed = (k >= min(plan_steps, dim) and n_v >= plan_probes) or exhausted_all
+    # an exhausted Krylov space makes the quadrature exact; the probes' sampling error remains
+    guaranteed = (k >= min(plan_steps, dim) or exhausted_all) and n_v >= plan_probes
     return SpectralDensity(
         nodes, weights, dim, k, matvecs, accuracy if guaranteed else None, failure if guaranteed else None
     )

@@ -5,7 +5,7 @@ stderr, and turns a user error into one line ``curvlab: error: ...`` on stderr w
 
 One module per command, each with its parser (``_add_<command>``) and its runner (``run_<command>``):
 :mod:`~curvlab.commands.factors`, :mod:`~curvlab.commands.info`, :mod:`~curvlab.commands.spectrum`,
-:mod:`~curvlab.commands.gradcov`, :mod:`~curvlab.commands.fit`, :mod:`~curvlab.commands.nqm` and
+:mod:`~curvlab.commands.gradcov`, :mod:`~curvlab.commands.fit`, :mod:`~curvlab.commands.compare`, :mod:`~curvlab.commands.nqm` and
 :mod:`~curvlab.commands.train`; what they share (the one-line error report, option types, output checks)
 is :mod:`~curvlab.commands.common`. This module holds :func:`main` (the console script, and
 ``python -m curvlab``) and :func:`build_parser`.
@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 from curvlab import __version__
 from curvlab.commands.common import EXIT_USAGE, _one_line, _process_prefix
+from curvlab.commands.compare import _add_compare
 from curvlab.commands.factors import _add_factors
 from curvlab.commands.fit import _add_fit
 from curvlab.commands.gradcov import _add_gradcov
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spectrum(commands)
     _add_gradcov(commands)
     _add_fit(commands)
+    _add_compare(commands)
     _add_nqm(commands)
     _add_train(commands)
     return parser
