@@ -12,7 +12,7 @@ else
 TORCH ?= torch==2.13.0
 endif
 
-.PHONY: install test test-all lint bench figures clean
+.PHONY: install test test-all lint peers bench figures clean
 .DELETE_ON_ERROR:
 
 install: $(STAMP)
@@ -32,12 +32,17 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check curvlab tests benchmarks analyses
 
-# curvlinops' own requirements pull torchvision (through BackPACK), which its KFAC does not use and
-# which would replace the CPU torch with a multi-GB build: install the peer without it.
+# The peers (curvlinops, BackPACK, kronfluence): their own requirements pull torchvision, which neither's
+# K-FAC uses and which would replace the CPU torch with a multi-GB build (pip's dry run shows it): install
+# them without their dependencies, then the dependencies that need no torch. `make peers` is what the
+# round-trip tests (tests/test_peers.py) and CI need; `make bench` uses it too.
 $(VENV)/.bench: $(STAMP)
-	$(BIN)/python -m pip install --quiet --no-deps 'curvlinops-for-pytorch>=2.0' backpack-for-pytorch unfoldNd einconv
-	$(BIN)/python -m pip install --quiet einops linear_operator opt-einsum
+	$(BIN)/python -m pip install --quiet --no-deps 'curvlinops-for-pytorch>=2.0' backpack-for-pytorch unfoldNd einconv \
+		'kronfluence>=1.0'
+	$(BIN)/python -m pip install --quiet einops linear_operator opt-einsum safetensors accelerate
 	touch $@
+
+peers: $(VENV)/.bench
 
 bench: $(VENV)/.bench
 	$(BIN)/python -m benchmarks.run
