@@ -64,7 +64,7 @@ LIB    := $(wildcard curvlab/*.py curvlab/*/*.py curvlab/*/*/*.py) analyses/conf
 NQMLIB := $(wildcard curvlab/nqm/*.py) curvlab/plots/nqm.py curvlab/commands/__init__.py curvlab/commands/common.py curvlab/commands/nqm.py analyses/config.py analyses/nqm.py
 RUNS   := $(FIG)/data/runs
 FIGURE_PNGS := $(addprefix $(FIG)/,fig09.png fig10a.png fig10b.png fig11.png fig12.png fig13.png \
-               fig14a.png fig14b.png fig14c.png fig15.png)
+               fig14a.png fig14b.png fig14c.png fig15.png kfac_vs_ggn_resnet8.png kfac_vs_ggn_transformer.png)
 
 figures: $(FIG)/index.html
 
@@ -81,6 +81,8 @@ $(FIG)/fig10b.png: $(RUNS)/transformer/.done analyses/fig10.py
 	$(BIN)/python -m analyses.fig10 b
 $(FIG)/fig12.png: $(RUNS)/resnet8/.done analyses/fig12.py
 	$(BIN)/python -m analyses.fig12
+$(FIG)/kfac_vs_ggn_%.png: $(RUNS)/%/.done analyses/kfac_vs_ggn.py
+	$(BIN)/python -m analyses.kfac_vs_ggn $*
 $(FIG)/fig11.png: $(NQMLIB) | $(STAMP)
 	$(BIN)/python -m analyses.nqm 11
 $(FIG)/fig13.png: $(NQMLIB) | $(STAMP)

@@ -1,7 +1,8 @@
 """curvlab: curvature analysis of neural networks (Zhang et al. 2019, appendix).
 
 K-FAC factor capture (:func:`collect_factors`), the HDF5 factor checkpoint (:func:`save_factors`,
-:func:`load`), and the per-layer math they share (:mod:`curvlab.capture.layers`).
+:func:`load`), the per-layer math they share (:mod:`curvlab.capture.layers`), and K-FAC / EKFAC as
+linear operators (:class:`KFACOperator`, :class:`EKFACOperator`, docs/operators.md).
 
 The top-level names are imported lazily, so ``import curvlab.io.checkpoint`` (h5py and numpy only) does
 not pay for importing torch.
@@ -19,6 +20,8 @@ _LAZY = {
     "save_factors": "curvlab.capture.factors",
     "FactorSet": "curvlab.capture.factors",
     "load": "curvlab.io.checkpoint",
+    "KFACOperator": "curvlab.analysis.operators",
+    "EKFACOperator": "curvlab.analysis.operators",
 }
 
 __all__ = [*_LAZY, "__version__"]

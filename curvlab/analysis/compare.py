@@ -28,8 +28,8 @@ overlap ``‖U_GGN^T U‖_F² / k`` of the top-k eigenvectors (1: the same subsp
 **Per layer**: the relative Frobenius error ``‖G_ll − K_l‖_F / ‖G_ll‖_F`` of the layer's diagonal
 block, where it has at most ``max_block`` rows: ``G_ll = (1/N) Σ_n Σ_c g_nc g_nc^T`` with ``g_nc =
 J_n^T b_nc`` the per-example gradients along the columns ``b_nc`` of the loss Hessian's square root
-(exact, ``torch.func.vmap``; one pass per class and label location, refused above
-:data:`curvlab.capture.loss.EXACT_PASS_LIMIT`).
+(exact, ``torch.func.vmap``; one pass per class and label location, so by default only for models
+with at most 100 of them, the line ``--fisher auto`` draws).
 """
 
 from __future__ import annotations
@@ -165,10 +165,13 @@ def dense_blocks(
 
     per_example = vmap(grad(projected), in_dims=(None, 0, 0))
     count = 0
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     for x, _ in batches:
         logits = model(x).detach()
         for u, weight in logit_gradient_samples(logits, None, "exact"):
-            g = per_example(params, x, u)
+            with sdpa_kernel(SDPBackend.MATH):
+                g = per_example(params, x, u)
             for name in names:
                 source, adapter = sources[name]
                 wk, bk = keys[name]
@@ -201,6 +204,7 @@ def compare_curvatures(
     trace_probes: int = 16,
     floor: float = 1e-6,
     max_block: int = 4096,
+    max_block_passes: int = 100,
     lanczos_tol: float = 1e-6,
     seed: int = 0,
     progress: bool = False,
@@ -208,6 +212,8 @@ def compare_curvatures(
     """K-FAC (``factors``), EKFAC and the exact GGN of ``model`` on ``batches``, compared (module docstring).
 
     ``route``: how EKFAC's second moments are computed (``exact`` or ``mc`` with ``mc_samples``);
+    ``max_block``/``max_block_passes``: the dense blocks are built for layers of at most that many weights
+    and models of at most that many exact passes (classes × label locations) per batch;
     ``accuracy``/``failure``: SLQ's ``t`` and ``η``; ``floor``: relative to the GGN's ``λ_max``.
     """
     from curvlab.analysis.gradcov import LayerBasis, project_gradients
@@ -274,14 +280,19 @@ def compare_curvatures(
         }
     summary["kfac_vs_ekfac"] = spectrum_vs_spectrum(k_spec, e_spec, scale=lam_max, floor=fl)
     note("dense diagonal blocks")
-    summary["layers"] = _layer_errors(model, batches, kfac, ekfac, max_block)
+    summary["layers"] = _layer_errors(model, batches, kfac, ekfac, max_block, max_block_passes)
     return ComparisonResult(summary, k_spec, e_spec, density, top_values)
 
 
 def _layer_errors(
-    model: nn.Module, batches: Sequence, kfac: KFACOperator, ekfac: EKFACOperator, max_block: int
+    model: nn.Module,
+    batches: Sequence,
+    kfac: KFACOperator,
+    ekfac: EKFACOperator,
+    max_block: int,
+    max_passes: int,
 ) -> list[dict[str, Any]]:
-    from curvlab.capture.loss import EXACT_PASS_LIMIT, exact_passes
+    from curvlab.capture.loss import exact_passes
 
     with torch.no_grad():
         logits_shape = model(batches[0][0][:1]).shape
@@ -289,8 +300,8 @@ def _layer_errors(
     rows: list[dict[str, Any]] = []
     fits = [b.name for b in kfac.layout.blocks if b.size <= max_block]
     reason = None
-    if passes > EXACT_PASS_LIMIT:
-        reason = f"the exact GGN block takes {passes} passes per batch (at most {EXACT_PASS_LIMIT})"
+    if passes > max_passes:
+        reason = f"the exact GGN block takes {passes} passes per batch (classes × label locations; at most {max_passes})"
         fits = []
     blocks = dense_blocks(model, batches, kfac.layout, fits) if fits else {}
     for b in kfac.layout.blocks:
