@@ -143,8 +143,9 @@ def run() -> str:
 def summary(d: dict) -> str:
     p, q = d["products"], d["lanczos"]
     return (
-        f"operators: K-FAC product curvlinops {p['ratios']['curvlinops_over_curvlab_product']:.2f}× curvlab, damped "
-        f"inverse {p['ratios']['curvlinops_over_curvlab_inverse']:.2f}×; Lanczos {q['curvlab']['matvecs_per_eigenvalue']:.1f} "
+        f"operators: K-FAC product curvlinops {p['ratios']['curvlinops_over_curvlab_product']:.2f}× curvlab, "
+        f"damped inverse {p['ratios']['curvlinops_over_curvlab_inverse']:.2f}×; Lanczos "
+        f"{q['curvlab']['matvecs_per_eigenvalue']:.1f} "
         f"GGN products per eigenvalue (eigsh {q['curvlinops_scipy_eigsh']['matvecs_per_eigenvalue']:.1f})"
     )
 

@@ -102,9 +102,10 @@ def operators(d: dict) -> str:
         f"{p['timings']['curvlab_product']['median_s'] * 1e3:.1f} ms, inverse "
         f"{p['timings']['curvlab_inverse']['median_s'] * 1e3:.1f} ms; Lanczos "
         f"**{q['curvlab']['matvecs_per_eigenvalue']:.1f}** GGN products per eigenvalue | curvlinops product "
-        f"**{r['curvlinops_over_curvlab_product']:.2f}×**, inverse **{r['curvlinops_over_curvlab_inverse']:.2f}×** "
-        f"curvlab (same factors, outputs agree to {max(p['max_rel_diff'].values()):.0e}); scipy eigsh on "
-        f"curvlinops' GGN {q['curvlinops_scipy_eigsh']['matvecs_per_eigenvalue']:.1f} products per eigenvalue, "
+        f"**{r['curvlinops_over_curvlab_product']:.2f}×**, inverse "
+        f"**{r['curvlinops_over_curvlab_inverse']:.2f}×** curvlab (same factors, outputs agree to "
+        f"{max(p['max_rel_diff'].values()):.0e}); scipy eigsh on curvlinops' GGN "
+        f"{q['curvlinops_scipy_eigsh']['matvecs_per_eigenvalue']:.1f} products per eigenvalue, "
         f"eigenvalues agree to {q['max_rel_diff_eigenvalues']:.0e} |"
     )
 

@@ -38,7 +38,7 @@ def test_kfac_is_exact_for_one_output_layer_and_one_example():
     assert s["kfac"]["top_k"]["subspace_overlap"] == pytest.approx(1.0, abs=1e-8)
     assert s["kfac"]["trace"] == pytest.approx(s["ekfac"]["trace"], rel=1e-12)
     # the GGN has rank C - 1 = 2 of 18: every Krylov space is exhausted after 3 or 4 steps, the
-    # quadrature is exact and only the probes' sampling error is left (SE of a weight ~ 0.33 / sqrt(100) = 0.033)
+    # quadrature is exact and only the probes' sampling error is left (SE of a weight ~ 0.33/sqrt(100))
     assert s["ggn"]["slq_steps"] == 18 and s["ggn"]["slq_matvecs"] <= 4 * 100
     # the plan for D = 18, t = 0.1, η = 0.05 wants ⌈4/20 · 100 · ln 720⌉ = 132 probes: no guarantee
     assert s["ggn"]["slq_w1_bound_over_range"] is None

@@ -15,9 +15,10 @@ model at a checkpoint step and ``N`` examples this module puts side by side
 
 **Distances between spectra** (each spectrum as the distribution of its ``D`` eigenvalues):
 ``KS = sup_{x >= floor} |F_1(x) − F_2(x)|`` (evaluated at every SLQ node and at ``levels`` quantiles
-of the other spectrum; below ``floor · λ_max`` both are numerical null space); ``W1 = ∫ |F_1^-1(u) − F_2^-1(u)| du`` on the linear scale, divided by the GGN's
-``λ_max`` (the unit of SLQ's guarantee: the true distance lies within ``± t`` of the reported one), and
-on ``log10 max(λ, floor · λ_max)`` (decades; eigenvalues below the floor count as the floor), both by
+of the other spectrum; below ``floor · λ_max`` both are numerical null space);
+``W1 = ∫ |F_1^-1(u) − F_2^-1(u)| du`` on the linear scale, divided by the GGN's ``λ_max`` (the unit
+of SLQ's guarantee: the true distance lies within ``± t`` of the reported one), and on
+``log10 max(λ, floor · λ_max)`` (decades; eigenvalues below the floor count as the floor), both by
 the midpoint rule on ``levels`` quantile levels. The SLQ-based figures carry a bootstrap standard
 error over the probes.
 
@@ -301,7 +302,8 @@ def _layer_errors(
     fits = [b.name for b in kfac.layout.blocks if b.size <= max_block]
     reason = None
     if passes > max_passes:
-        reason = f"the exact GGN block takes {passes} passes per batch (classes × label locations; at most {max_passes})"
+        reason = (f"the exact GGN block takes {passes} passes per batch (classes × label locations; "
+                  f"at most {max_passes})")
         fits = []
     blocks = dense_blocks(model, batches, kfac.layout, fits) if fits else {}
     for b in kfac.layout.blocks:

@@ -1,4 +1,4 @@
-"""Lanczos: extreme eigenpairs, stochastic Lanczos quadrature (SLQ) for the spectral density, Hutchinson's trace.
+"""Lanczos: extreme eigenpairs, stochastic Lanczos quadrature (SLQ) for the density, Hutchinson's trace.
 
 All three need only products ``v ↦ M v`` with a symmetric ``M`` (a GGN, K-FAC or any
 :class:`~curvlab.analysis.operators.CurvatureOperator`) and run in float64.

@@ -102,7 +102,8 @@ class ParameterLayout:
             m, n = adapter.to_matrix(source, weight.detach(), None if bias is None else bias.detach()).shape
             if (m, n) != (block.m, block.n):
                 raise OptionError(
-                    f"layer {block.name}: the model's weight matrix is {m} × {n}, the factors' {block.m} × {block.n}"
+                    f"layer {block.name}: the model's weight matrix is {m} × {n}, "
+                    f"the factors' {block.m} × {block.n}"
                 )
             sources[block.name] = (source, adapter)
         self._sources = sources
@@ -132,7 +133,8 @@ class ParameterLayout:
             flat = x[:, None] if single else x
             if flat.dim() != 2 or flat.shape[0] != self.dim:
                 raise OptionError(
-                    f"expected a vector of length {self.dim} or a ({self.dim}, k) matrix, got {tuple(x.shape)}"
+                    f"expected a vector of length {self.dim} or a ({self.dim}, k) matrix, "
+                    f"got {tuple(x.shape)}"
                 )
             k = flat.shape[1]
             blocks = {b.name: flat[b.offset : b.offset + b.size].T.reshape(k, b.m, b.n) for b in self.blocks}

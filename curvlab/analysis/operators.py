@@ -342,7 +342,8 @@ class KFACOperator(_KFEOperator):
         return torch.outer(bs.values, ba.values)
 
     def inverse(self, damping: float, method: str = "exact") -> FunctionOperator:
-        """``(K-FAC + λ I)^-1`` (``"exact"``) or the optimizer's factored Tikhonov inverse (``"factored"``)."""
+        """``(K-FAC + λ I)^-1`` (``"exact"``) or the optimizer's factored Tikhonov inverse
+        (``"factored"``)."""
         damping = _check_damping(damping, positive=True)
         if method == "exact":
             return self._exact_inverse(damping)
@@ -462,7 +463,7 @@ class EKFACOperator(_KFEOperator):
 
     @classmethod
     def from_kfac(cls, kfac: KFACOperator, eigenvalues: Mapping[str, np.ndarray | Tensor]) -> EKFACOperator:
-        """EKFAC in ``kfac``'s own basis (:meth:`KFACOperator.bases`): ``eigenvalues`` must be in that order."""
+        """EKFAC in ``kfac``'s own basis (:meth:`KFACOperator.bases`); ``eigenvalues`` in that order."""
         op = cls(kfac.layout, kfac.bases(), eigenvalues, dtype=kfac.dtype, device=kfac.device)
         return op
 

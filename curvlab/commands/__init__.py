@@ -5,7 +5,8 @@ stderr, and turns a user error into one line ``curvlab: error: ...`` on stderr w
 
 One module per command, each with its parser (``_add_<command>``) and its runner (``run_<command>``):
 :mod:`~curvlab.commands.factors`, :mod:`~curvlab.commands.info`, :mod:`~curvlab.commands.spectrum`,
-:mod:`~curvlab.commands.gradcov`, :mod:`~curvlab.commands.fit`, :mod:`~curvlab.commands.compare`, :mod:`~curvlab.commands.nqm` and
+:mod:`~curvlab.commands.gradcov`, :mod:`~curvlab.commands.fit`, :mod:`~curvlab.commands.compare`,
+:mod:`~curvlab.commands.nqm` and
 :mod:`~curvlab.commands.train`; what they share (the one-line error report, option types, output checks)
 is :mod:`~curvlab.commands.common`. This module holds :func:`main` (the console script, and
 ``python -m curvlab``) and :func:`build_parser`.

@@ -184,7 +184,8 @@ def _format(s: dict) -> str:
     lines = [
         f"{s['checkpoint']}: step {s['step']}, {s['dimension']:,} weights in {s['num_layers']} layers, "
         f"{s['num_examples']} examples ({s['factors']} factors, {s['fisher']} Fisher)",
-        f"  exact GGN: λ_max {g['lambda_max']:.4g}, trace {g['trace_hutchinson']:.4g} ± {g['trace_hutchinson_se']:.2g} "
+        f"  exact GGN: λ_max {g['lambda_max']:.4g}, trace {g['trace_hutchinson']:.4g} "
+        f"± {g['trace_hutchinson_se']:.2g} "
         f"(Hutchinson); SLQ {g['slq_steps']} steps × {g['slq_probes']} probes"
         + (
             f", W1 ≤ {bound:g} λ_max with probability {1 - g['slq_failure_probability']:.2f}" if bound else ""
@@ -194,8 +195,9 @@ def _format(s: dict) -> str:
         vs, top = d["vs_ggn"], d["top_k"]
         lines.append(
             f"  {label:<6} trace {d['trace']:.4g}, λ_max {d['lambda_max']:.4g}; vs GGN: KS {vs['ks']:.3f}, "
-            f"W1 {vs['w1_over_lambda_max']:.3g} λ_max, {vs['w1_log10']:.2f} decades (log10); top-{len(top['values'])} "
-            f"median rel. error {top['median_relative_error']:.3f}, subspace overlap {top['subspace_overlap']:.3f}"
+            f"W1 {vs['w1_over_lambda_max']:.3g} λ_max, {vs['w1_log10']:.2f} decades (log10); "
+            f"top-{len(top['values'])} median rel. error {top['median_relative_error']:.3f}, "
+            f"subspace overlap {top['subspace_overlap']:.3f}"
         )
     for row in s["layers"]:
         err = row["kfac_relative_frobenius_error"]

@@ -113,19 +113,27 @@ def _run_ekfac_spectrum(args: argparse.Namespace, steps: int | str) -> int:
 
     import numpy as np
 
-    from curvlab.analysis.spectrum import LayerSpectrum, SpectrumResult, StepSpectrum, format_summary, spectrum_summary
+    from curvlab.analysis.spectrum import (
+        LayerSpectrum,
+        SpectrumResult,
+        StepSpectrum,
+        format_summary,
+        spectrum_summary,
+    )
     from curvlab.io.ekfac import read_ekfac
 
     if args.output:
-        raise OptionError(f"{args.checkpoint}: an EKFAC file holds its eigenvalues already; -o writes nothing for it")
+        raise OptionError(
+            f"{args.checkpoint}: an EKFAC file holds its eigenvalues already; -o writes nothing for it"
+        )
     if args.plot and same_file(args.plot, args.checkpoint):
         raise OptionError(f"{args.plot}: refusing to overwrite the input; choose another --plot")
     if args.plot:
         _check_writable(args.plot)
     record = read_ekfac(args.checkpoint, "latest" if steps == "all" else steps)
     layers = [
-        LayerSpectrum(name, layer.module_type, layer.weight_shape, layer.has_bias, np.sort(layer.eigenvalues.ravel()),
-                      np.ones(1))
+        LayerSpectrum(name, layer.module_type, layer.weight_shape, layer.has_bias,
+                      np.sort(layer.eigenvalues.ravel()), np.ones(1))
         for name, layer in record.layers.items()
         if not args.layers or any(fnmatch.fnmatchcase(name, p) for p in args.layers)
     ]

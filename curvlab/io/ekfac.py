@@ -25,7 +25,6 @@ numpy and h5py only.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any

@@ -1,4 +1,5 @@
-"""curvlinops' ``KFACLinearOperator`` from curvlab factors and back (docs/factors.md, "Mapping to curvlinops").
+"""curvlinops' ``KFACLinearOperator`` from curvlab factors and back (docs/factors.md, "Mapping to
+curvlinops").
 
 curvlinops (``kfac_approx="expand"``, ``separate_weight_and_bias=False``, ``CrossEntropyLoss``) holds, per
 layer with ``T`` locations and ``T_loss`` label locations per example (its ``num_per_example_loss_terms``),
