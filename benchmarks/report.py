@@ -104,7 +104,7 @@ def operators(d: dict) -> str:
         f"**{q['curvlab']['matvecs_per_eigenvalue']:.1f}** GGN products per eigenvalue | curvlinops product "
         f"**{r['curvlinops_over_curvlab_product']:.2f}×**, inverse "
         f"**{r['curvlinops_over_curvlab_inverse']:.2f}×** curvlab (same factors, outputs agree to "
-        f"{max(p['max_rel_diff'].values()):.0e}); scipy eigsh on curvlinops' GGN "
+        f"{max(p['max_rel_diff_float64'].values()):.0e} in float64); scipy eigsh on curvlinops' GGN "
         f"{q['curvlinops_scipy_eigsh']['matvecs_per_eigenvalue']:.1f} products per eigenvalue, "
         f"eigenvalues agree to {q['max_rel_diff_eigenvalues']:.0e} |"
     )
