@@ -72,6 +72,9 @@ def plot_comparison(result: ComparisonResult, path: str | os.PathLike, *, title:
         ranks = np.arange(1, len(values) + 1)
         right.plot(ranks, values, color=COLOURS[label], marker="o", ms=3, lw=1.2, label=LABELS[label])
     right.set_yscale("log")
+    from matplotlib.ticker import MaxNLocator
+
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
     right.set_xlabel("rank i")
     right.set_ylabel("i-th largest eigenvalue")
     k = s["kfac"]["top_k"]
