@@ -12,7 +12,7 @@ else
 TORCH ?= torch==2.13.0
 endif
 
-.PHONY: install test test-all lint bench figures sweeps clean
+.PHONY: install test test-all lint peers bench figures sweeps clean
 .DELETE_ON_ERROR:
 
 install: $(STAMP)
@@ -32,12 +32,17 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check curvlab tests benchmarks analyses
 
-# curvlinops' own requirements pull torchvision (through BackPACK), which its KFAC does not use and
-# which would replace the CPU torch with a multi-GB build: install the peer without it.
+# The peers (curvlinops, BackPACK, kronfluence): their own requirements pull torchvision, which neither's
+# K-FAC uses and which would replace the CPU torch with a multi-GB build (pip's dry run shows it): install
+# them without their dependencies, then the dependencies that need no torch. `make peers` is what the
+# round-trip tests (tests/test_peers.py) and CI need; `make bench` uses it too.
 $(VENV)/.bench: $(STAMP)
-	$(BIN)/python -m pip install --quiet --no-deps 'curvlinops-for-pytorch>=2.0' backpack-for-pytorch unfoldNd einconv
-	$(BIN)/python -m pip install --quiet einops linear_operator opt-einsum
+	$(BIN)/python -m pip install --quiet --no-deps 'curvlinops-for-pytorch>=2.0' backpack-for-pytorch unfoldNd einconv \
+		'kronfluence>=1.0'
+	$(BIN)/python -m pip install --quiet einops linear_operator opt-einsum safetensors accelerate
 	touch $@
+
+peers: $(VENV)/.bench
 
 bench: $(VENV)/.bench
 	$(BIN)/python -m benchmarks.run
@@ -59,7 +64,8 @@ LIB    := $(wildcard curvlab/*.py curvlab/*/*.py curvlab/*/*/*.py) analyses/conf
 NQMLIB := $(wildcard curvlab/nqm/*.py) curvlab/plots/nqm.py curvlab/commands/__init__.py curvlab/commands/common.py curvlab/commands/nqm.py analyses/config.py analyses/nqm.py
 RUNS   := $(FIG)/data/runs
 FIGURE_PNGS := $(addprefix $(FIG)/,fig09.png fig10a.png fig10b.png fig11.png fig12.png fig13.png \
-               fig14a.png fig14b.png fig14c.png fig15.png sweep_mlp.png)
+               fig14a.png fig14b.png fig14c.png fig15.png sweep_mlp.png \
+               kfac_vs_ggn_resnet8.png kfac_vs_ggn_transformer.png)
 SWEEPLIB := $(wildcard curvlab/sweep/*.py curvlab/optim/*.py curvlab/models/*.py) curvlab/analysis/scaling.py \
             curvlab/plots/sweep.py curvlab/commands/sweep.py analyses/config.py analyses/sweep.py
 
@@ -78,6 +84,8 @@ $(FIG)/fig10b.png: $(RUNS)/transformer/.done analyses/fig10.py
 	$(BIN)/python -m analyses.fig10 b
 $(FIG)/fig12.png: $(RUNS)/resnet8/.done analyses/fig12.py
 	$(BIN)/python -m analyses.fig12
+$(FIG)/kfac_vs_ggn_%.png: $(RUNS)/%/.done analyses/kfac_vs_ggn.py
+	$(BIN)/python -m analyses.kfac_vs_ggn $*
 $(FIG)/fig11.png: $(NQMLIB) | $(STAMP)
 	$(BIN)/python -m analyses.nqm 11
 $(FIG)/fig13.png: $(NQMLIB) | $(STAMP)

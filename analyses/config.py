@@ -30,6 +30,10 @@ SMALL = {
         "model_args": [],
         "gradcov_examples": 512,
         "gradcov_directions": 4,
+        # K-FAC vs the exact GGN (analyses/kfac_vs_ggn.py): SLQ with W1 <= 0.2 λ_max (61 Lanczos steps);
+        # ~100 GGN-vector products of ~0.5 s each on 2 idle cores
+        "compare": {"examples": 128, "batch_size": 128, "top_k": 10, "accuracy": 0.2, "probes": 1,
+                    "trace_probes": 8},
     },
     # Fig. 10b: the shallow Transformer with the tied embedding, small enough for a CPU.
     "transformer": {
@@ -41,6 +45,8 @@ SMALL = {
         "model_args": ["d_model=64", "d_ff=256", "heads=4", "layers=2", "seq_len=32", "vocab=2048"],
         "gradcov_examples": 128,
         "gradcov_directions": 2,  # the jvp cross-check through attention dominates the cost
+        "compare": {"examples": 32, "batch_size": 32, "top_k": 10, "accuracy": 0.2, "probes": 1,
+                    "trace_probes": 8},
     },
     "nqm_mode": "binned",
     # The batch-size claims (analyses/sweep.py): mlp on digits, every optimizer, 4 batch sizes; a
@@ -71,6 +77,8 @@ PAPER = {
         "model_args": [],
         "gradcov_examples": 4096,
         "gradcov_directions": 4,
+        "compare": {"examples": 1024, "batch_size": 256, "top_k": 20, "accuracy": 0.05, "probes": 4,
+                    "trace_probes": 64},
     },
     "transformer": {
         "data": "pystdlib",
@@ -81,6 +89,8 @@ PAPER = {
         "model_args": ["d_model=512", "d_ff=2048", "heads=8", "layers=2", "seq_len=64", "vocab=32768"],
         "gradcov_examples": 2048,
         "gradcov_directions": 2,
+        "compare": {"examples": 256, "batch_size": 32, "top_k": 20, "accuracy": 0.05, "probes": 4,
+                    "trace_probes": 64},
     },
     "nqm_mode": "exact",
     "sweeps": FULL_SWEEPS,
@@ -97,6 +107,8 @@ TINY = {
         "model_args": ["widths=4,4,8"],
         "gradcov_examples": 64,
         "gradcov_directions": 2,
+        "compare": {"examples": 16, "batch_size": 16, "top_k": 3, "accuracy": 0.5, "probes": 1,
+                    "trace_probes": 2},
     },
     "transformer": {
         "data": "pystdlib",
@@ -107,6 +119,8 @@ TINY = {
         "model_args": ["d_model=16", "d_ff=32", "heads=2", "layers=2", "seq_len=8", "vocab=256"],
         "gradcov_examples": 16,
         "gradcov_directions": 1,
+        "compare": {"examples": 8, "batch_size": 8, "top_k": 3, "accuracy": 0.5, "probes": 1,
+                    "trace_probes": 2},
     },
     "nqm_mode": "binned",
     "nqm_args": ["--d", "1000", "--bins", "20"],

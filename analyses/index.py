@@ -188,6 +188,33 @@ def fig15() -> dict[str, Any]:
     }
 
 
+def kfac_vs_ggn(name: str) -> dict[str, Any]:
+    data = _load(f"kfac_vs_ggn_{name}")
+    if not data:
+        return {}
+    k, e, g = data["kfac"], data["ekfac"], data["ggn"]
+    return {
+        "claim": "The K-FAC eigenspectrum may shed light upon the true (Fisher = GGN) eigenspectrum "
+        "(seed E.1).",
+        "measured": {
+            "kfac_top_k_median_relative_error": k["top_k"]["median_relative_error"],
+            "ekfac_top_k_median_relative_error": e["top_k"]["median_relative_error"],
+            "kfac_top_k_subspace_overlap": k["top_k"]["subspace_overlap"],
+            "kfac_vs_ggn": k["vs_ggn"], "ekfac_vs_ggn": e["vs_ggn"],
+            "slq_w1_bound_over_lambda_max": g["slq_w1_bound_over_range"],
+            "trace_ggn_hutchinson": [g["trace_hutchinson"], g["trace_hutchinson_se"]],
+            "trace_kfac": k["trace"],
+            "fraction_below_floor": {"ggn": g["fraction_below_floor"], "kfac": k["fraction_below_floor"]},
+            "relative_frobenius_error_by_layer": {
+                r["name"]: r["kfac_relative_frobenius_error"] for r in data["layers"]
+            },
+        },
+        "criterion": "K-FAC's top eigenvalues within a factor 2 of the GGN's (median relative error < 0.5) "
+        "and KS distance between the two spectra above the floor < 0.2",
+        "held": bool(k["top_k"]["median_relative_error"] < 0.5 and k["vs_ggn"]["ks"] < 0.2),
+    }
+
+
 FIGURES_ON_PAGE = [
     ("fig09", "Fig. 9 — K-FAC eigenspectra of ResNet8 at several training iterations", fig09),
     ("fig10a", "Fig. 10a — gradient variance vs curvature, ResNet8", lambda: fig10("a")),
@@ -201,6 +228,10 @@ FIGURES_ON_PAGE = [
     ("fig14c", "Fig. 14c — optimal effective learning rate, tuned momentum (NQM)", lambda: fig14("c")),
     ("fig15", "Fig. 15 — final rate of the piecewise-constant schedule (NQM)", fig15),
     ("sweep_mlp", "Steps to target vs batch size, mlp on digits (curvlab sweep)", lambda: sweep_entry("mlp")),
+    ("kfac_vs_ggn_resnet8", "K-FAC vs the exact GGN, ResNet8 (seed E.1's question)",
+     lambda: kfac_vs_ggn("resnet8")),
+    ("kfac_vs_ggn_transformer", "K-FAC vs the exact GGN, shallow Transformer",
+     lambda: kfac_vs_ggn("transformer")),
 ]
 
 

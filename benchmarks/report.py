@@ -105,6 +105,23 @@ def sweep(d: dict) -> str:
     )
 
 
+def operators(d: dict) -> str:
+    p, q = d["products"], d["lanczos"]
+    r = p["ratios"]
+    return (
+        f"| K-FAC operator: one product and one exact damped inverse, ResNet8 ({p['dimension']:,} weights, "
+        f"float32); Lanczos top-10 of the exact GGN ({q['dimension']:,} weights) | product "
+        f"{p['timings']['curvlab_product']['median_s'] * 1e3:.1f} ms, inverse "
+        f"{p['timings']['curvlab_inverse']['median_s'] * 1e3:.1f} ms; Lanczos "
+        f"**{q['curvlab']['matvecs_per_eigenvalue']:.1f}** GGN products per eigenvalue | curvlinops product "
+        f"**{r['curvlinops_over_curvlab_product']:.2f}×**, inverse "
+        f"**{r['curvlinops_over_curvlab_inverse']:.2f}×** curvlab (same factors, outputs agree to "
+        f"{max(p['max_rel_diff_float64'].values()):.0e} in float64); scipy eigsh on curvlinops' GGN "
+        f"{q['curvlinops_scipy_eigsh']['matvecs_per_eigenvalue']:.1f} products per eigenvalue, "
+        f"eigenvalues agree to {q['max_rel_diff_eigenvalues']:.0e} |"
+    )
+
+
 ROWS = {
     "factor_capture": factor_capture,
     "spectrum": spectrum,
@@ -113,6 +130,7 @@ ROWS = {
     "train_step": train_step,
     "distributed": distributed,
     "sweep": sweep,
+    "operators": operators,
 }
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks import distributed, factor_capture, gradcov, nqm_sweep, spectrum, sweep, train_step
+from benchmarks import distributed, factor_capture, gradcov, nqm_sweep, operators, spectrum, sweep, train_step
 
-BENCHMARKS = [factor_capture, spectrum, gradcov, nqm_sweep, train_step, distributed, sweep]
+BENCHMARKS = [factor_capture, spectrum, gradcov, nqm_sweep, train_step, distributed, sweep, operators]
 
 
 def main() -> int:

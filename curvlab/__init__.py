@@ -4,6 +4,7 @@ The Python API mirrors the commands (docs/api.md, :mod:`curvlab.api`): :func:`bu
 model or your own factory), :func:`collect_factors` and :func:`save_factors` (``curvlab factors``),
 :func:`load` and the checkpoint format, :func:`spectrum`, :func:`fit`, :func:`gradcov`, :func:`train`,
 and the optimizer :class:`KFAC` with the command line's defaults.
+K-FAC and EKFAC as linear operators: :class:`KFACOperator`, :class:`EKFACOperator` (docs/operators.md).
 
 The top-level names are imported lazily, so ``import curvlab`` (and ``import curvlab.io.checkpoint``,
 h5py and numpy only) does not pay for importing torch. ``curvlab.spectrum``, ``curvlab.gradcov`` and
@@ -31,6 +32,8 @@ _LAZY = {
     "train": "curvlab.api",
     "KFAC": "curvlab.optim.kfac",
     "TrainConfig": "curvlab.optim.config",
+    "KFACOperator": "curvlab.analysis.operators",
+    "EKFACOperator": "curvlab.analysis.operators",
 }
 
 __all__ = [*_LAZY, "__version__"]

@@ -21,7 +21,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = ["fig09", "fig10a", "fig10b", "fig11", "fig12", "fig13", "fig14a", "fig14b", "fig14c", "fig15",
-           "sweep_mlp"]
+           "sweep_mlp", "kfac_vs_ggn_resnet8", "kfac_vs_ggn_transformer"]
 
 
 @pytest.fixture(scope="module")

@@ -562,6 +562,17 @@ def exact_passes(logits_shape: torch.Size | tuple[int, ...], loss: Loss | None =
     return (CrossEntropy() if loss is None else loss).exact_passes(logits_shape)
 
 
+def hessian_vector_product(logits: Tensor, u: Tensor) -> Tensor:
+    """``H u`` at every location, ``H = diag(p) − p p^T``: ``p ∘ u − p (p^T u)``, shape of ``logits``.
+
+    The Hessian of the per-example loss (summed over its locations) is block diagonal over the
+    locations, so this is the whole ``H`` of an example applied to ``u``; the GGN-vector product
+    ``J^T H J v`` (:mod:`curvlab.analysis.ggn`) needs nothing else of the loss.
+    """
+    p = torch.softmax(logits, dim=-1)
+    return p * u - p * (p * u).sum(-1, keepdim=True)
+
+
 def loss_hessian(logits: Tensor) -> Tensor:
     """``diag(p) - p p^T`` per location, shape ``(..., C, C)``: softmax cross-entropy (for tests)."""
     probs = torch.softmax(logits, dim=-1)

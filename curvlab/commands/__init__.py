@@ -6,10 +6,10 @@ exit status 2, and a warning into one line ``curvlab: warning: ...``.
 
 One module per command, each with its parser (``_add_<command>``) and its runner (``run_<command>``):
 :mod:`~curvlab.commands.factors`, :mod:`~curvlab.commands.info`, :mod:`~curvlab.commands.spectrum`,
-:mod:`~curvlab.commands.gradcov`, :mod:`~curvlab.commands.fit`, :mod:`~curvlab.commands.nqm`,
-:mod:`~curvlab.commands.train` and :mod:`~curvlab.commands.sweep`; what they share (the one-line
-error report, option types, output checks) is :mod:`~curvlab.commands.common`. This module holds
-:func:`main` (the console script, and ``python -m curvlab``) and :func:`build_parser`.
+:mod:`~curvlab.commands.gradcov`, :mod:`~curvlab.commands.fit`, :mod:`~curvlab.commands.compare`,
+:mod:`~curvlab.commands.nqm`, :mod:`~curvlab.commands.train` and :mod:`~curvlab.commands.sweep`; what they
+share (the one-line error report, option types, output checks) is :mod:`~curvlab.commands.common`. This
+module holds :func:`main` (the console script, and ``python -m curvlab``) and :func:`build_parser`.
 
 Building the parsers imports no torch (the option choices come from :mod:`curvlab.choices`, whether
 this process runs under ``torchrun`` from :mod:`curvlab.launch`), and a command imports the library
@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 from curvlab import __version__
 from curvlab.commands.common import EXIT_USAGE, _one_line, _process_prefix
+from curvlab.commands.compare import _add_compare
 from curvlab.commands.factors import _add_factors
 from curvlab.commands.fit import _add_fit
 from curvlab.commands.gradcov import _add_gradcov
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spectrum(commands)
     _add_gradcov(commands)
     _add_fit(commands)
+    _add_compare(commands)
     _add_nqm(commands)
     _add_train(commands)
     _add_sweep(commands)

@@ -77,6 +77,19 @@ def _add_gradcov(commands: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", default=None, metavar="OUT.h5", help="default: CKPT.gradcov.h5")
     p.add_argument("--plot", default=None, metavar="P.png",
                    help="variance vs curvature plot (default: no plot)")
+    p.add_argument(
+        "--ekfac",
+        default=None,
+        metavar="EK.h5",
+        help="also write the EKFAC eigenvalues (the second moments in the KFE, with the basis) to this file, "
+        "which spectrum, fit and curvlab.EKFACOperator.from_file read (default: not written)",
+    )
+    p.add_argument(
+        "--ekfac-moments",
+        choices=("fisher", "empirical"),
+        default="fisher",
+        help="EKFAC eigenvalues: the Fisher's (the curvature route's; default) or the true-label gradients'",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=run_gradcov)
@@ -105,10 +118,17 @@ def run_gradcov(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     output = args.output or derived_path(args.checkpoint, ".gradcov.h5")
     _refuse_input_as_output(args.checkpoint, output)
+    if args.ekfac:
+        _refuse_input_as_output(args.checkpoint, args.ekfac, "--ekfac")
+        if args.ekfac_moments == "fisher" and args.curvature == "fvp":
+            raise OptionError("--ekfac with --curvature fvp has no Fisher second moments: use "
+                              "--ekfac-moments empirical or another --curvature")
     if ctx.is_main:
         _check_writable(output)
         if args.plot:
             _check_writable(args.plot)
+        if args.ekfac:
+            _check_writable(args.ekfac)
     if args.directions < 0:
         raise OptionError(f"--directions must be >= 0, got {args.directions}")
     model_args = _parse_model_args(args.model, args.model_arg)
@@ -152,6 +172,10 @@ def run_gradcov(args: argparse.Namespace) -> int:
     _write(lambda: write_result(output, result, attrs), output)
     summary = result.to_json()
     summary.update({"output": output, "step": source.step, "data": data_spec, "skipped_layers": skipped})
+    if args.ekfac:
+        fisher = result.route if args.ekfac_moments == "fisher" else "empirical"
+        _write(lambda: _write_ekfac(args, source, bases, result, fisher, attrs), args.ekfac)
+        summary["ekfac"] = {"output": args.ekfac, "fisher_type": fisher}
     if args.plot:
         from curvlab.plots.gradcov import plot_variance_vs_curvature
 
@@ -207,3 +231,25 @@ def _checkpoint_layers(path: str, step: int) -> dict[str, str]:
 
     with CheckpointReader(path) as reader:
         return {name: reader.layer_meta(step, name)[0] for name in reader.layer_names(step)}
+
+
+def _write_ekfac(args: argparse.Namespace, source, bases, result, fisher: str, attrs: dict) -> None:
+    """The EKFAC file (curvlab/io/ekfac.py): the bases used and the chosen second moments in them."""
+    from curvlab.io.checkpoint import CheckpointReader
+    from curvlab.io.ekfac import EKFACLayer, permutation_of, write_ekfac
+
+    layers = {}
+    with CheckpointReader(args.checkpoint) as reader:
+        for name, basis in bases.items():
+            module_type, weight_shape, has_bias = reader.layer_meta(source.step, name)
+            stats = result.layers[name]
+            values = stats.second_moment if fisher == "empirical" else stats.curvature
+            q_s, q_a = basis.Q_S.double().cpu().numpy(), basis.Q_A.double().cpu().numpy()
+            s_order, a_order = permutation_of(q_s), permutation_of(q_a)
+            layers[name] = EKFACLayer(
+                module_type, weight_shape, has_bias, values.clip(min=0),
+                basis.eigenvalues_S.double().cpu().numpy(), basis.eigenvalues_A.double().cpu().numpy(),
+                None if s_order is not None else q_s, s_order, None if a_order is not None else q_a, a_order,
+            )
+    write_ekfac(args.ekfac, source.step, layers, fisher_type=fisher, num_examples=stats.num_examples,
+                attrs=attrs, model_name=source.model_name, model_config=source.config)

@@ -65,6 +65,10 @@ def run_spectrum(args: argparse.Namespace) -> int:
 
     ctx = distributed.context()
     steps = _spectrum_steps(args.step)
+    from curvlab.io.ekfac import is_ekfac_file
+
+    if is_ekfac_file(args.checkpoint):
+        return _run_ekfac_spectrum(args, steps) if ctx.is_main else 0
     output = args.output or default_output_path(args.checkpoint)
     for path, what in ((output, "-o"), (args.plot, "--plot")):
         if path and same_file(path, args.checkpoint):
@@ -100,4 +104,55 @@ def run_spectrum(args: argparse.Namespace) -> int:
         print(format_summary(summary))
         if args.plot:
             print(f"wrote {args.plot}")
+    return 0
+
+
+def _run_ekfac_spectrum(args: argparse.Namespace, steps: int | str) -> int:
+    """The summary (and plot) of an EKFAC file's spectrum (``curvlab gradcov --ekfac``): its eigenvalues are
+    already there, so nothing is decomposed and no spectrum file is written. Each layer's ``Λ_ij`` enter
+    the Kronecker statistics as the pair ``(Λ, [1])``."""
+    import fnmatch
+
+    import numpy as np
+
+    from curvlab.analysis.spectrum import (
+        LayerSpectrum,
+        SpectrumResult,
+        StepSpectrum,
+        format_summary,
+        spectrum_summary,
+    )
+    from curvlab.io.ekfac import read_ekfac
+
+    if args.output:
+        raise OptionError(
+            f"{args.checkpoint}: an EKFAC file holds its eigenvalues already; -o writes nothing for it"
+        )
+    if args.plot and same_file(args.plot, args.checkpoint):
+        raise OptionError(f"{args.plot}: refusing to overwrite the input; choose another --plot")
+    if args.plot:
+        _check_writable(args.plot)
+    record = read_ekfac(args.checkpoint, "latest" if steps == "all" else steps)
+    layers = [
+        LayerSpectrum(name, layer.module_type, layer.weight_shape, layer.has_bias,
+                      np.sort(layer.eigenvalues.ravel()), np.ones(1))
+        for name, layer in record.layers.items()
+        if not args.layers or any(fnmatch.fnmatchcase(name, p) for p in args.layers)
+    ]
+    if not layers:
+        raise OptionError(f"{args.checkpoint}: no layer matches --layers {' '.join(args.layers or [])}")
+    result = SpectrumResult(args.checkpoint, None, "cpu", "float64", False,
+                            [StepSpectrum(record.step, record.fisher_type, record.num_examples, layers)])
+    summary = spectrum_summary(result)
+    summary["kind"] = "ekfac"
+    if args.plot:
+        from curvlab.plots.spectrum import plot_eigenvalue_density
+
+        title = f"EKFAC eigenspectrum ({record.fisher_type} second moments, step {record.step})"
+        _write(lambda: plot_eigenvalue_density(result, args.plot, title=title), args.plot)
+        summary["plot"] = args.plot
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(format_summary(summary).replace("K-FAC eigenvalues", "EKFAC eigenvalues"))
     return 0

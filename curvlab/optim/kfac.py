@@ -77,7 +77,7 @@ from curvlab.errors import CheckpointError, OptionError
 from curvlab.io.checkpoint import LayerFactors
 from curvlab.optim.config import DEFAULT_LR
 
-__all__ = ["KFAC", "mean_cross_entropy"]
+__all__ = ["KFAC", "damping_ratio", "factored_damping", "mean_cross_entropy"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -120,6 +120,30 @@ def _eigh(factor: Tensor) -> tuple[Tensor, Tensor | None]:
         values, vectors = torch.linalg.eigh(factor + jitter * torch.eye(len(factor), dtype=factor.dtype,
                                                                           device=factor.device))
     return values.clamp_min(0), vectors
+
+
+def damping_ratio(eA: Tensor, eS: Tensor) -> float:
+    """``π = sqrt((tr A / dim A) / (tr S / dim S))`` from the factors' eigenvalues (1 if degenerate).
+
+    Martens & Grosse 2015, §6.3: the ratio that splits the damping ``λ`` between the two factors so
+    that ``(S + √λ/π I) ⊗ (A + π√λ I)`` adds comparable amounts to both."""
+    mean_a = float(eA.mean())
+    mean_s = float(eS.mean())
+    if mean_a <= 0 or mean_s <= 0 or not math.isfinite(mean_a / mean_s):
+        return 1.0
+    return math.sqrt(mean_a / mean_s)
+
+
+def factored_damping(eS: Tensor, eA: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+    """The damped eigenvalues ``(σ + √λ/π, α + π√λ)`` of the factored Tikhonov damping.
+
+    ``(S + √λ/π I)^-1 G (A + π√λ I)^-1 = Q_S [(Q_S^T G Q_A) / ((σ + √λ/π)(α + π√λ)^T)] Q_A^T`` for
+    ``S = Q_S diag(σ) Q_S^T``, ``A = Q_A diag(α) Q_A^T`` and ``π`` of :func:`damping_ratio`. Used by
+    the optimizer (with ``S̃ = S / T_loss``) and by :class:`curvlab.analysis.operators.KFACOperator`.
+    """
+    pi = damping_ratio(eA, eS)
+    root = math.sqrt(damping)
+    return eS + root / pi, eA + pi * root
 
 
 def _check_range(
@@ -359,21 +383,14 @@ class KFAC:
     def pi(self, name: str) -> float:
         """The factored-damping ratio ``π = sqrt((tr A / dim A) / (tr S̃ / dim S))`` (1 if degenerate)."""
         entry = self.entries[name]
-        mean_a = float(entry.eA.mean())
-        mean_s = float(entry.eS.mean()) / self.loss_locations
-        if mean_a <= 0 or mean_s <= 0 or not math.isfinite(mean_a / mean_s):
-            return 1.0
-        return math.sqrt(mean_a / mean_s)
+        return damping_ratio(entry.eA, entry.eS / self.loss_locations)
 
     def precondition(self, name: str, G: Tensor) -> Tensor:
         """``(S̃ + √λ/π I)^-1 G (A + π√λ I)^-1`` through the eigenbases of layer ``name``."""
         entry = self.entries[name]
         if entry.eA is None:
             raise OptionError(f"layer {name}: no factors yet (no factor update has been made)")
-        pi = self.pi(name)
-        root = math.sqrt(self.damping)
-        damped_s = entry.eS / self.loss_locations + root / pi
-        damped_a = entry.eA + pi * root
+        damped_s, damped_a = factored_damping(entry.eS / self.loss_locations, entry.eA, self.damping)
         v = G if entry.QS is None else entry.QS.T @ G
         v = v if entry.QA is None else v @ entry.QA
         v = v / (damped_s[:, None] * damped_a[None, :])

@@ -390,9 +390,9 @@ def _attr(attrs: h5py.AttributeManager, key: str) -> Any:
 
 def _file_format(f: h5py.File, path: str) -> str:
     fmt = _attr(f.attrs, "format") if "format" in f.attrs else None
-    if fmt not in ("curvlab.kfac", SPECTRUM_FORMAT):
+    if fmt not in ("curvlab.kfac", SPECTRUM_FORMAT, "curvlab.ekfac"):
         raise CheckpointError(
-            f"{path}: not a curvlab checkpoint or spectrum file (root attribute format is {fmt!r})"
+            f"{path}: not a curvlab checkpoint, spectrum or EKFAC file (root attribute format is {fmt!r})"
         )
     return str(fmt)
 
@@ -462,6 +462,20 @@ def _read_spectrum_layers(
     return out
 
 
+def _ekfac_eigenvalues(
+    path: str, step: int | str, patterns: Sequence[str] | None
+) -> tuple[int, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """An EKFAC file's eigenvalues as Kronecker pairs ``(all Λ_ij of the layer, [1])``: the products of
+    such a pair are the ``Λ_ij`` themselves, so every statistic of the spectrum applies unchanged."""
+    from curvlab.io.ekfac import read_ekfac
+
+    record = read_ekfac(path, step)
+    used: set[str] = set()
+    names = _select_layers(list(record.layers), patterns, used)
+    _check_patterns(path, patterns, used)
+    return record.step, {n: (np.sort(record.layers[n].eigenvalues.ravel()), np.ones(1)) for n in names}
+
+
 def load_layer_eigenvalues(
     path: str | os.PathLike,
     *,
@@ -474,7 +488,8 @@ def load_layer_eigenvalues(
     """``(step, {layer: (eigenvalues of S, eigenvalues of A)})``, eigenvalues ascending, float64.
 
     ``path`` is a factor checkpoint (its factors are decomposed, eigenvalues only, on ``device`` in
-    ``dtype``) or a spectrum file written by ``curvlab spectrum`` (read). ``step`` is a step number
+    ``dtype``), a spectrum file written by ``curvlab spectrum`` (read), or an EKFAC file written by
+    ``curvlab gradcov --ekfac`` (each layer's ``Λ_ij`` as the pair ``(Λ, [1])``). ``step`` is a step number
     or ``"latest"``; ``layers`` fnmatch globs (each must match). A bad or truncated file, a missing
     step or a clearly indefinite factor raise :class:`CheckpointError` (one line).
     """
@@ -489,6 +504,8 @@ def load_layer_eigenvalues(
     with _open_read_only(path_s) as f:
         try:
             fmt = _file_format(f, path_s)
+            if fmt == "curvlab.ekfac":
+                return _ekfac_eigenvalues(path_s, step, layers)
             if fmt == SPECTRUM_FORMAT:
                 numbers = _select_steps(_spectrum_steps(f, path_s), step, path_s)
                 if len(numbers) != 1:

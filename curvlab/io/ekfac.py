@@ -1,0 +1,223 @@
+"""The EKFAC file: the Kronecker-factored eigenbasis of each layer with EKFAC's eigenvalues in it.
+
+EKFAC (George et al. 2018) keeps K-FAC's eigenbasis ``Q_S ⊗ Q_A`` and replaces the eigenvalues
+``σ_i α_j`` by the second moments of the gradients along each direction, ``Λ_ij = E[(Q_S^T G Q_A)_ij²]``.
+``curvlab gradcov --ekfac OUT.h5`` writes them (the Fisher's, from its curvature route, or the empirical
+gradients' second moments); ``curvlab spectrum`` and ``curvlab fit`` read them as a spectrum, and
+:meth:`curvlab.analysis.operators.EKFACOperator.from_file` as an operator. The layout (docs/format.md,
+"EKFAC files")::
+
+    /                               attrs: format = "curvlab.ekfac", format_version = 1, source, data
+    /model                          (optional) attrs: name, config — copied from the checkpoint
+    /steps/<step>                   attrs: step, complete (written last), fisher_type, num_examples
+    /steps/<step>/layers/<layer>    attrs: module_type, weight_shape, has_bias
+        eigenvalues                 (m, n) float64 >= 0: Λ[i, j] along Q_S[:, i] Q_A[:, j]^T
+        S_eigenvalues, A_eigenvalues   (m,), (n,) float64: K-FAC's factor eigenvalues, ascending
+        S_eigenvectors | S_order    (m, m) float64 columns, or (m,) int64 with Q_S = I[:, order]
+        A_eigenvectors | A_order    the same for A
+
+Reading validates every shape against the layer's ``weight_shape`` before any data is read (so a
+hostile file cannot make the reader allocate more than the layer's own size), and refuses non-finite or
+negative eigenvalues and orders that are not permutations, with one line naming file, step and layer.
+numpy and h5py only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import h5py
+import numpy as np
+
+from curvlab.errors import CheckpointError, where
+
+EKFAC_FORMAT = "curvlab.ekfac"
+EKFAC_FORMAT_VERSION = 1
+
+
+@dataclass
+class EKFACLayer:
+    module_type: str
+    weight_shape: tuple[int, ...]
+    has_bias: bool
+    eigenvalues: np.ndarray
+    S_eigenvalues: np.ndarray
+    A_eigenvalues: np.ndarray
+    S_eigenvectors: np.ndarray | None = None
+    S_order: np.ndarray | None = None
+    A_eigenvectors: np.ndarray | None = None
+    A_order: np.ndarray | None = None
+
+
+@dataclass
+class EKFACStep:
+    step: int
+    fisher_type: str
+    num_examples: int
+    layers: dict[str, EKFACLayer]
+
+
+def permutation_of(Q: np.ndarray) -> np.ndarray | None:
+    """``order`` with ``Q = I[:, order]`` if ``Q`` is a permutation matrix, else ``None``."""
+    if Q.ndim != 2 or np.count_nonzero(Q) != Q.shape[0] or not np.all((Q == 0) | (Q == 1)):
+        return None
+    order = np.argmax(Q, axis=0)
+    return order.astype(np.int64) if len(np.unique(order)) == Q.shape[0] else None
+
+
+def write_ekfac(
+    path: str,
+    step: int,
+    layers: Mapping[str, EKFACLayer],
+    *,
+    fisher_type: str,
+    num_examples: int,
+    attrs: Mapping[str, Any],
+    model_name: str | None = None,
+    model_config: Mapping[str, Any] | None = None,
+) -> None:
+    """Write one step's EKFAC layers to a new file, atomically (``complete`` written last)."""
+    from curvlab.io.atomic import atomic_output
+
+    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["format"] = EKFAC_FORMAT
+        f.attrs["format_version"] = np.int64(EKFAC_FORMAT_VERSION)
+        for key, value in attrs.items():
+            f.attrs[key] = value
+        if model_name is not None or model_config is not None:
+            mg = f.create_group("model")
+            if model_name is not None:
+                mg.attrs["name"] = model_name
+            if model_config is not None:
+                mg.attrs["config"] = json.dumps(dict(model_config))
+        g = f.create_group(f"steps/{step}", track_order=True)
+        g.attrs["step"] = np.int64(step)
+        g.attrs["fisher_type"] = fisher_type
+        g.attrs["num_examples"] = np.int64(num_examples)
+        lg = g.create_group("layers", track_order=True)
+        for name, layer in layers.items():
+            h = lg.create_group(name)
+            h.attrs["module_type"] = layer.module_type
+            h.attrs["weight_shape"] = np.asarray(layer.weight_shape, dtype=np.int64)
+            h.attrs["has_bias"] = np.bool_(layer.has_bias)
+            h.create_dataset("eigenvalues", data=np.asarray(layer.eigenvalues, dtype=np.float64))
+            for which in ("S", "A"):
+                h.create_dataset(
+                    f"{which}_eigenvalues",
+                    data=np.asarray(getattr(layer, f"{which}_eigenvalues"), dtype=np.float64),
+                )
+                order = getattr(layer, f"{which}_order")
+                if order is not None:
+                    h.create_dataset(f"{which}_order", data=np.asarray(order, dtype=np.int64))
+                else:
+                    h.create_dataset(
+                        f"{which}_eigenvectors",
+                        data=np.asarray(getattr(layer, f"{which}_eigenvectors"), dtype=np.float64),
+                    )
+        f.flush()
+        g.attrs["complete"] = np.bool_(True)
+
+
+def _scalar(value: Any) -> Any:
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(()).item()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return value
+
+
+def is_ekfac_file(path: str) -> bool:
+    """Whether ``path`` is an HDF5 file whose root says ``format = "curvlab.ekfac"``."""
+    try:
+        with h5py.File(path, "r") as f:
+            return _scalar(f.attrs.get("format")) == EKFAC_FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def _dataset(h: h5py.Group, key: str, shape: tuple[int, ...], kind: str, at: str) -> np.ndarray:
+    ds = h.get(key)
+    if not isinstance(ds, h5py.Dataset):
+        raise CheckpointError(f"{at}: missing dataset {key}")
+    if tuple(ds.shape) != shape or ds.dtype.kind not in kind:
+        raise CheckpointError(f"{at}: {key} has shape {ds.shape} and dtype {ds.dtype}, expected {shape}")
+    arr = ds[()]
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise CheckpointError(f"{at}: {key} has non-finite values")
+    return arr
+
+
+def _basis(h: h5py.Group, which: str, size: int, at: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    if f"{which}_order" in h:
+        order = _dataset(h, f"{which}_order", (size,), "iu", at).astype(np.int64)
+        if not np.array_equal(np.sort(order), np.arange(size)):
+            raise CheckpointError(f"{at}: {which}_order is not a permutation of 0..{size - 1}")
+        return None, order
+    return _dataset(h, f"{which}_eigenvectors", (size, size), "f", at).astype(np.float64), None
+
+
+def read_ekfac(path: str, step: int | str = "latest") -> EKFACStep:
+    """One complete step of an EKFAC file, validated (module docstring)."""
+    from curvlab.io.checkpoint import _open_read_only, expected_factor_sizes
+
+    with _open_read_only(path) as f:
+        try:
+            if _scalar(f.attrs.get("format")) != EKFAC_FORMAT:
+                raise CheckpointError(
+                    f"{path}: not an EKFAC file (format {_scalar(f.attrs.get('format'))!r})"
+                )
+            version = _scalar(f.attrs.get("format_version"))
+            if not isinstance(version, int) or not 1 <= version <= EKFAC_FORMAT_VERSION:
+                raise CheckpointError(f"{path}: unsupported format_version {version!r}")
+            steps = f.get("steps")
+            if not isinstance(steps, h5py.Group):
+                raise CheckpointError(f"{path}: missing /steps")
+            complete = sorted(
+                int(k) for k in steps if k.isdigit() and bool(_scalar(steps[k].attrs.get("complete", False)))
+            )
+            if not complete:
+                raise CheckpointError(f"{path}: holds no complete step")
+            chosen = complete[-1] if step == "latest" else int(step)
+            if chosen not in complete:
+                raise CheckpointError(f"{path}: step {chosen}: no such complete step (has {complete})")
+            g = steps[str(chosen)]
+            layers = {}
+            for name, h in g["layers"].items():
+                at = where(path, chosen, name)
+                module_type = str(_scalar(h.attrs["module_type"]))
+                weight_shape = tuple(int(v) for v in np.asarray(h.attrs["weight_shape"]).ravel())
+                has_bias = bool(_scalar(h.attrs["has_bias"]))
+                try:
+                    n, m = expected_factor_sizes(module_type, weight_shape, has_bias)
+                except CheckpointError as exc:
+                    raise CheckpointError(f"{at}: {exc}") from None
+                values = _dataset(h, "eigenvalues", (m, n), "f", at).astype(np.float64)
+                if (values < 0).any():
+                    raise CheckpointError(f"{at}: eigenvalues must be >= 0")
+                s_vec, s_order = _basis(h, "S", m, at)
+                a_vec, a_order = _basis(h, "A", n, at)
+                layers[name] = EKFACLayer(
+                    module_type,
+                    weight_shape,
+                    has_bias,
+                    values,
+                    _dataset(h, "S_eigenvalues", (m,), "f", at).astype(np.float64),
+                    _dataset(h, "A_eigenvalues", (n,), "f", at).astype(np.float64),
+                    s_vec,
+                    s_order,
+                    a_vec,
+                    a_order,
+                )
+            return EKFACStep(
+                chosen,
+                str(_scalar(g.attrs.get("fisher_type", ""))),
+                int(_scalar(g.attrs.get("num_examples", 0))),
+                layers,
+            )
+        except (KeyError, OSError, RuntimeError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"{path}: cannot read EKFAC data ({' '.join(str(exc).split())})") from None
