@@ -24,7 +24,7 @@ _TRAIN_FIELDS = (
     "model", "data", "examples", "optimizer", "steps", "batch_size", "lr", "schedule", "decay_steps",
     "final_lr_factor", "momentum", "beta2", "eps", "weight_decay", "damping", "kl_clip", "factor_decay",
     "factor_update_every", "inverse_update_every", "fisher", "mc_samples", "factor_examples", "save_every",
-    "save_steps", "seed",
+    "save_steps", "seed", "augment", "augment_padding",
 )
 
 
@@ -65,7 +65,13 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
                    help="size of the fixed factor set (default: 512, at most the training set)")
     p.add_argument("--save-every", type=_positive_int, default=None, metavar="K", help="save every K steps")
     p.add_argument("--save-steps", type=_step_list, default=None, metavar="LIST", help="e.g. 10,20,50")
-    p.add_argument("--seed", type=_nonnegative_int, default=None, help="init, data order, mc labels (0)")
+    p.add_argument("--seed", type=_nonnegative_int, default=None,
+                   help="init, data order, mc labels, augmentation (0)")
+    p.add_argument("--augment", default=None, metavar="LIST",
+                   help="image augmentation of the training batches (seed F.1): crop (random crop with padding), "
+                   "flip (horizontal; not for digits), comma-separated, or none (default)")
+    p.add_argument("--augment-padding", type=_positive_int, default=None, metavar="P",
+                   help="crop padding in pixels (default: an eighth of the image side, at least 1)")
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     p.add_argument("-o", "--output", required=True, metavar="RUN/", help="the run folder")
     p.add_argument("--resume", action="store_true", help="continue RUN/ from its last complete step")

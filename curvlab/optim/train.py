@@ -52,6 +52,7 @@ from curvlab.capture.factors import FactorSet, collect_factors, model_weights
 from curvlab.errors import CheckpointError, CurvlabError, OptionError
 from curvlab.io.atomic import atomic_output, remove_quietly
 from curvlab.io.checkpoint import append_step
+from curvlab.optim.augment import Augmenter, black_level, check_augment, default_padding
 from curvlab.optim.batches import BatchOrder, loss_scale, shard
 from curvlab.optim.config import DEFAULT_LR as DEFAULT_LR
 from curvlab.optim.config import OPTIMIZERS, SCHEDULES, TrainConfig
@@ -135,6 +136,7 @@ class _Run:
     device: torch.device
     ctx: distributed.Context = field(default_factory=distributed.Context)
     elapsed: float = 0.0
+    augmenter: Augmenter | None = None
 
     @property
     def checkpoint(self) -> str:
@@ -180,7 +182,18 @@ def _build(config: TrainConfig, run_dir: str, device: torch.device) -> _Run:
     factor_count = min(config.factor_examples, len(data))
     factor_data = dataclasses.replace(data, x=data.x[:factor_count], y=data.y[:factor_count])
     optimizer = make_optimizer(config, model, _data_parallel(model, device, ctx))
-    return _Run(config, run_dir, model, optimizer, data, factor_data, described, device, ctx)
+    return _Run(config, run_dir, model, optimizer, data, factor_data, described, device, ctx,
+                augmenter=_augmenter(config, data))
+
+
+def _augmenter(config: TrainConfig, data: Any) -> Augmenter | None:
+    """The run's data augmentation (:mod:`curvlab.optim.augment`), or None."""
+    check_augment(config.augment, config.data, data.input_shape)
+    if not config.augment:
+        return None
+    channels, height, width = data.input_shape
+    padding = config.augment_padding or default_padding(height, width)
+    return Augmenter(config.augment, padding, black_level(config.data, channels), config.seed)
 
 
 def _data_parallel(model: nn.Module, device: torch.device, ctx: distributed.Context) -> nn.Module:
@@ -357,7 +370,10 @@ def _loop(run: _Run, start: int | None, progress: bool) -> dict[str, Any]:
             lr = learning_rate(config, t)
             run.optimizer.lr = lr
             index = order.indices(t)[offset : offset + count]
-            inputs, labels = run.data.x[index].to(run.device), run.data.y[index].to(run.device)
+            inputs, labels = run.data.x[index], run.data.y[index]
+            if run.augmenter is not None:
+                inputs = run.augmenter(inputs, t, (offset, config.batch_size))
+            inputs, labels = inputs.to(run.device), labels.to(run.device)
             with _collective(run, f"step {t + 1}"):
                 loss = run.optimizer.train_step(inputs, labels, run.loss_fn, rows=(offset, config.batch_size))
             loss = _batch_loss(loss, run.ctx, f"step {t + 1}: adding up the batch loss")
