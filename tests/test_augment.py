@@ -29,7 +29,8 @@ def _reference(x, dy, dx, flips, padding, fill):
     """Pad with the fill value, cut the window, then mirror: the textbook definition, one image at a time."""
     out = []
     for b in range(x.shape[0]):
-        padded = torch.stack([F.pad(x[b, c], (padding,) * 4, value=float(fill[c])) for c in range(x.shape[1])])
+        padded = torch.stack([F.pad(x[b, c], (padding,) * 4, value=float(fill[c]))
+                              for c in range(x.shape[1])])
         window = padded[:, dy[b] : dy[b] + x.shape[2], dx[b] : dx[b] + x.shape[3]]
         out.append(torch.flip(window, dims=[2]) if flips[b] else window)
     return torch.stack(out)

@@ -68,8 +68,8 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=_nonnegative_int, default=None,
                    help="init, data order, mc labels, augmentation (0)")
     p.add_argument("--augment", default=None, metavar="LIST",
-                   help="image augmentation of the training batches (seed F.1): crop (random crop with padding), "
-                   "flip (horizontal; not for digits), comma-separated, or none (default)")
+                   help="image augmentation of the training batches (seed F.1): crop (random crop with "
+                   "padding), flip (horizontal; not for digits), comma-separated, or none (default)")
     p.add_argument("--augment-padding", type=_positive_int, default=None, metavar="P",
                    help="crop padding in pixels (default: an eighth of the image side, at least 1)")
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")

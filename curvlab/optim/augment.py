@@ -43,8 +43,8 @@ def parse_augment(text: str | Sequence[str] | None) -> list[str]:
     names = [item.strip() for item in items if item.strip() and item.strip() != "none"]
     for name in names:
         if name not in AUGMENTATIONS:
-            raise OptionError(f"--augment {name!r}: choose from {', '.join(AUGMENTATIONS)} (comma-separated) "
-                              "or none")
+            raise OptionError(f"--augment {name!r}: choose from {', '.join(AUGMENTATIONS)} "
+                              "(comma-separated) or none")
     return sorted(set(names), key=AUGMENTATIONS.index)
 
 
@@ -56,8 +56,8 @@ def check_augment(names: Sequence[str], data_spec: str, input_shape: Sequence[in
         raise OptionError(f"--augment {','.join(names)}: {data_spec} holds sequences, not images "
                           f"(example shape {tuple(input_shape)})")
     if "flip" in names and data_spec.partition(":")[0] == "digits":
-        raise OptionError("--augment flip: a mirrored digit is not the same digit (a flipped 2, 3 or 7 changes "
-                          "class), so digits take crop only")
+        raise OptionError("--augment flip: a mirrored digit is not the same digit (a flipped 2, 3 or 7 "
+                          "changes class), so digits take crop only")
 
 
 def default_padding(height: int, width: int) -> int:
@@ -101,7 +101,8 @@ def apply(x: Tensor, dy: Tensor, dx: Tensor, flips: Tensor, padding: int, fill: 
     _, _, height, width = x.shape
     rows = torch.arange(height, device=x.device)[None, :] + (dy - padding).to(x.device)[:, None]  # (B, H)
     cols = torch.arange(width, device=x.device)[None, :].expand(len(dx), width)
-    cols = torch.where(flips.to(x.device)[:, None], width - 1 - cols, cols) + (dx - padding).to(x.device)[:, None]
+    cols = torch.where(flips.to(x.device)[:, None], width - 1 - cols, cols)
+    cols = cols + (dx - padding).to(x.device)[:, None]
     inside = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None, :]
     channels = x.shape[1]
     r = rows.clamp(0, height - 1)[:, None, :, None].expand(-1, channels, -1, width)
