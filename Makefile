@@ -60,6 +60,10 @@ NQMLIB := $(wildcard curvlab/nqm/*.py) curvlab/plots/nqm.py curvlab/commands/__i
 RUNS   := $(FIG)/data/runs
 FIGURE_PNGS := $(addprefix $(FIG)/,fig09.png fig10a.png fig10b.png fig11.png fig12.png fig13.png \
                fig14a.png fig14b.png fig14c.png fig15.png)
+# a reduced run of the same path (CI: make figures SCALE=paper DATA=cifar10:DIR STEPS=2 EXAMPLES=64 ...)
+export CURVLAB_STEPS    := $(STEPS)
+export CURVLAB_EXAMPLES := $(EXAMPLES)
+export CURVLAB_NQM_ARGS := $(NQM_ARGS)
 
 figures: $(FIG)/index.html
 
@@ -68,13 +72,13 @@ $(RUNS)/%/.done: $(LIB) analyses/train.py | $(STAMP)
 	$(BIN)/python -m analyses.train $*
 	touch $@
 
-$(FIG)/fig09.png: $(RUNS)/resnet8/.done analyses/fig09.py
+$(FIG)/fig09.png: $(RUNS)/resnet8/.done analyses/fig09.py $(LIB)
 	$(BIN)/python -m analyses.fig09
-$(FIG)/fig10a.png: $(RUNS)/resnet8/.done analyses/fig10.py
+$(FIG)/fig10a.png: $(RUNS)/resnet8/.done analyses/fig10.py $(LIB)
 	$(BIN)/python -m analyses.fig10 a
-$(FIG)/fig10b.png: $(RUNS)/transformer/.done analyses/fig10.py
+$(FIG)/fig10b.png: $(RUNS)/transformer/.done analyses/fig10.py $(LIB)
 	$(BIN)/python -m analyses.fig10 b
-$(FIG)/fig12.png: $(RUNS)/resnet8/.done analyses/fig12.py
+$(FIG)/fig12.png: $(RUNS)/resnet8/.done analyses/fig12.py $(LIB)
 	$(BIN)/python -m analyses.fig12
 $(FIG)/fig11.png: $(NQMLIB) | $(STAMP)
 	$(BIN)/python -m analyses.nqm 11
@@ -85,7 +89,7 @@ $(FIG)/fig14a.png $(FIG)/fig14b.png $(FIG)/fig14c.png &: $(NQMLIB) | $(STAMP)
 $(FIG)/fig15.png: $(NQMLIB) | $(STAMP)
 	$(BIN)/python -m analyses.nqm 15
 
-$(FIG)/index.html: $(FIGURE_PNGS) analyses/index.py
+$(FIG)/index.html: $(FIGURE_PNGS) analyses/index.py analyses/registry.py analyses/criteria.py
 	$(BIN)/python -m analyses.index
 	@echo "open $(FIG)/index.html"
 

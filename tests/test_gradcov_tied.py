@@ -332,3 +332,20 @@ def test_rao_blackwell_agrees_with_the_jvp_route_on_32_directions_with_the_flatt
     np.testing.assert_allclose(fvp, truth, rtol=1e-9, atol=1e-12 * truth.max())  # jvp is exact
     # within 4 standard errors, or exact (rare rows: closed form, SE 0) to rounding
     assert np.all(np.abs(est - fvp) <= 4 * se + 1e-9 * np.abs(fvp) + 1e-13 * truth.max())
+
+
+def test_a_diagonal_factor_keeps_its_eigenbasis_as_a_permutation():
+    """``LayerBasis.from_factors`` with a diagonal S never forms the V × V matrix (8.6 GB at V = 32768):
+    the permutation's projections equal the dense eigenbasis's."""
+    gen = torch.Generator().manual_seed(0)
+    S, A = torch.rand(7, generator=gen, dtype=torch.float64), torch.eye(3, dtype=torch.float64)
+    basis = LayerBasis.from_factors(S, A)
+    assert basis._dense_S is None and basis.order_S.dtype == torch.int64
+    dense = LayerBasis(basis.Q_S, basis.Q_A, basis.eigenvalues_S, basis.eigenvalues_A)
+    torch.testing.assert_close(basis.Q_S @ torch.diag(basis.eigenvalues_S) @ basis.Q_S.T, torch.diag(S))
+    g, M = torch.randn(4, 7, dtype=torch.float64), torch.randn(2, 7, 3, dtype=torch.float64)
+    torch.testing.assert_close(basis.project_S(g), dense.project_S(g), rtol=0, atol=0)
+    torch.testing.assert_close(basis.rotate_S(M), dense.rotate_S(M), rtol=0, atol=0)
+    torch.testing.assert_close(basis.column_S(2), dense.column_S(2), rtol=0, atol=0)
+    big = LayerBasis.from_factors(np.linspace(1.0, 2.0, 32768), np.eye(4))
+    assert big._dense_S is None and big.size_S == 32768

@@ -74,6 +74,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab import distributed
+from curvlab.analysis.basis import LayerBasis, _permutation
 from curvlab.capture import layers as layer_math
 from curvlab.capture.factors import FactorSource, select_layers
 from curvlab.capture.loss import logit_gradient_samples
@@ -99,38 +100,6 @@ def __getattr__(name: str) -> Any:
     if name in _MOVED:
         return getattr(importlib.import_module("curvlab.analysis.gradcov_run"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-@dataclass
-class LayerBasis:
-    """The Kronecker-factored eigenbasis of one layer: ``Q_S`` (m×m), ``Q_A`` (n×n), eigenvalues.
-
-    ``Q_A`` includes the bias row when the layer has a bias. Columns are eigenvectors, eigenvalues
-    ascending (the order of ``torch.linalg.eigh``).
-    """
-
-    Q_S: Tensor
-    Q_A: Tensor
-    eigenvalues_S: Tensor
-    eigenvalues_A: Tensor
-
-    @classmethod
-    def from_factors(cls, S: np.ndarray | Tensor, A: np.ndarray | Tensor) -> LayerBasis:
-        """Eigendecompose dense (2-D) or diagonal (1-D) factors in float64 (small layers, tests)."""
-        lam_s, q_s = _eigh(torch.as_tensor(S, dtype=torch.float64))
-        lam_a, q_a = _eigh(torch.as_tensor(A, dtype=torch.float64))
-        return cls(q_s, q_a, lam_s, lam_a)
-
-    def kfac_eigenvalues(self) -> Tensor:
-        """``λ_S[i] λ_A[j]`` as an ``m × n`` matrix."""
-        return torch.outer(self.eigenvalues_S, self.eigenvalues_A)
-
-
-def _eigh(x: Tensor) -> tuple[Tensor, Tensor]:
-    if x.ndim == 1:
-        order = torch.argsort(x)
-        return x[order], torch.eye(len(x), dtype=x.dtype)[:, order]
-    return torch.linalg.eigh((x + x.T) / 2)
 
 
 @dataclass
@@ -211,15 +180,15 @@ class KFEProjector:
             # projections run in the model's precision; the sums are accumulated in float64
             weight = adapter.parameters(module)[0]
             device = weight.device
-            basis = LayerBasis(*(t.to(device=device, dtype=weight.dtype) for t in vars(basis).values()))
-            shape = (basis.Q_S.shape[0], basis.Q_A.shape[0])
+            basis = basis.to(device=device, dtype=weight.dtype)
+            shape = (basis.size_S, basis.Q_A.shape[0])
             zeros = [torch.zeros(shape, dtype=torch.float64, device=device) for _ in range(3)]
             sums = _LayerSums(*zeros, basis_A=basis.Q_A)
             if curvature == "mc":
                 sums.curvature_var, sums.replicate_sum, sums.replicate_sq = (
                     torch.zeros(shape, dtype=torch.float64, device=device) for _ in range(3))
             if isinstance(module, layer_math.TiedPair):
-                sums.order_S = _permutation(basis.Q_S, name)
+                sums.order_S = basis.order_S if basis.order_S is not None else _permutation(basis.Q_S, name)
             self.layers[name] = (module, adapter, basis, sums)
         self._handles: list[Any] = []
         self._recording = False
@@ -284,7 +253,7 @@ class KFEProjector:
                 _prepare_tied_inputs(module, adapter, sums)
                 continue
             locations = adapter.output_grads(module, sums.outputs[0].detach()).shape[1]
-            order = contraction_order(locations, basis.Q_S.shape[0], basis.Q_A.shape[0], passes)
+            order = contraction_order(locations, basis.size_S, basis.Q_A.shape[0], passes)
             self.orders[name] = order
             has_bias = adapter.has_bias(module)
             if order == "gradient_first":
@@ -435,17 +404,17 @@ def _coefficients(
     basis = layer.basis
     g = layer.adapter.output_grads(layer.module, grad_output)
     if order == "outer":
-        g_hat = g[:, 0] @ basis.Q_S
+        g_hat = basis.project_S(g[:, 0])
         a_hat = a[:, 0]
         yield (g_hat.T @ a_hat).double(), ((g_hat * g_hat).T @ (a_hat * a_hat)).double()
         return
-    m, n = basis.Q_S.shape[0], basis.Q_A.shape[0]
+    m, n = basis.size_S, basis.Q_A.shape[0]
     chunk = max(1, CHUNK_BYTES // (8 * m * n))  # the float64 copy of a chunk of coefficients
     rows, bias_row = layer.input_rows
     for start in range(0, a.shape[0], chunk):
         a_chunk, g_chunk = a[start : start + chunk], g[start : start + chunk]
         if order == "project_first":
-            c = torch.bmm((g_chunk @ basis.Q_S).transpose(1, 2), a_chunk)
+            c = torch.bmm(basis.project_S(g_chunk).transpose(1, 2), a_chunk)
         else:
             # G_n = g_n^T [a_n, 1] from the adapter's per-example gradient; its bias column is Σ_t g_nt
             gradients = layer.adapter.per_example_gradients(
@@ -454,7 +423,7 @@ def _coefficients(
             rotated = gradients @ rows
             if bias_row is not None:
                 rotated += g_chunk.sum(dim=1).unsqueeze(-1) * bias_row
-            c = basis.Q_S.T @ rotated
+            c = basis.rotate_S(rotated)
         c = c.double()
         yield c.sum(dim=0), (c * c).sum(dim=0)
 
@@ -481,16 +450,6 @@ def _targets(source: FactorSource, adapter: Any) -> list[tuple[nn.Module, str]]:
     if isinstance(source, layer_math.TiedPair):
         return adapter.targets(source)
     return [(source, "layer")]
-
-
-def _permutation(Q_S: Tensor, name: str) -> Tensor:
-    """``order`` with ``Q_S = I[:, order]``, the eigenbasis of a diagonal factor (see :func:`_eigh`)."""
-    order = Q_S.argmax(dim=0)
-    size = len(order)
-    ones = bool((Q_S[order, torch.arange(size, device=Q_S.device)] == 1).all())
-    if not (ones and int(torch.count_nonzero(Q_S)) == size and order.unique().numel() == size):
-        raise ValueError(f"layer {name}: the tied entry's S must be diagonal (its eigenbasis a permutation)")
-    return order
 
 
 def _prepare_tied_inputs(pair: layer_math.TiedPair, adapter: Any, sums: _LayerSums) -> None:
@@ -527,7 +486,7 @@ def _tied_coefficients(
             linear.append((x, grad))
         else:
             embedding.append((x, grad @ rows))
-    m, n = layer.basis.Q_S.shape[0], layer.basis.Q_A.shape[0]
+    m, n = layer.basis.size_S, layer.basis.Q_A.shape[0]
     chunk = max(1, CHUNK_BYTES // (8 * m * n))  # the float64 copy of a chunk of coefficients
     for start in range(0, sums.inputs[0].shape[0], chunk):
         part = slice(start, start + chunk)
