@@ -99,7 +99,8 @@ def _fig10(data: dict, check: dict | None = None) -> Verdict:
                     "in the flattest decile): within 3 SE"] = row["within_3se"]
     for layer in data.get("layers", []):
         if layer.get("spearman") is not None:
-            numbers[f"Spearman, {layer['name']}"] = layer["spearman"]
+            numbers[f"{layer['name']}: Spearman, slope, noisy"] = [layer["spearman"], layer.get("slope"),
+                                                                   layer.get("num_noisy")]
     if slope is None or rho is None:
         return Verdict(None, "too few directions to compare", numbers)
     held = rho >= SPEARMAN_MIN and SLOPE_BAND[0] <= low and high <= SLOPE_BAND[1]
@@ -161,8 +162,10 @@ def fig11(data: dict) -> Verdict:
     worst = float(diff[k, j])
     x = data["one_minus_beta"]
     per_t = {f"largest difference at t = {t}": float(np.nanmax(diff[i])) for i, t in enumerate(data["steps"])}
+    far = np.flatnonzero(~(np.nanmax(diff, axis=0) <= CLOSE))
+    start = 0 if far.size == 0 else int(far[-1]) + 1
     numbers = {"αh": data["alpha_h"], "largest difference": worst, "…at 1−β": x[j], "…at t": data["steps"][k],
-               **per_t}
+               **per_t, "every t within 0.05 for 1−β from": x[start] if start < len(x) else None}
     held = worst <= CLOSE
     return Verdict(held, f"the curves differ by at most {fmt(worst)} (at 1−β = {fmt(x[j])}, t = "
                    f"{data['steps'][k]}), {'within' if held else 'beyond'} the {CLOSE} allowed.", numbers)

@@ -54,8 +54,8 @@ def plot_nqm(data: dict, path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("batch size")
     ax.set_ylabel("steps to 1% of the initial risk")
-    ax.set_title(f"NQM with the measured spectrum vs h = 1/i (d = {data['d']:,}, {data['mode']} mode, SGD)",
-                 fontsize=9)
+    ax.set_title(f"NQM: measured spectrum vs h = 1/i\n(d = {data['d']:,}, {data['mode']} mode, SGD, "
+                 "tuned lr)", fontsize=9)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, frameon=False)
     save_figure(fig, path)
 
