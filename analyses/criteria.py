@@ -104,12 +104,17 @@ def _fig10(data: dict, check: dict | None = None) -> Verdict:
     if slope is None or rho is None:
         return Verdict(None, "too few directions to compare", numbers)
     held = rho >= SPEARMAN_MIN and SLOPE_BAND[0] <= low and high <= SLOPE_BAND[1]
+    sloped = [layer for layer in data.get("layers", []) if layer.get("slope") is not None]
+    farthest = max(sloped, key=lambda layer: abs(layer["slope"] - 1.0), default=None)
     parts = [f"Spearman {fmt(rho)} ({'≥' if rho >= SPEARMAN_MIN else '<'} {SPEARMAN_MIN})",
              f"slope {fmt(slope)} [{fmt(low)}, {fmt(high)}] "
              + ("inside" if SLOPE_BAND[0] <= low and high <= SLOPE_BAND[1] else "not inside")
              + f" [{SLOPE_BAND[0]}, {SLOPE_BAND[1]}]",
              f"the variance is {fmt(10 ** data['offset_log10'])}× the curvature at the median "
              "(reported, not judged)"]
+    if farthest is not None and not held:
+        parts.append(f"the layer farthest from slope 1 is {farthest['name']} (slope "
+                     f"{fmt(farthest['slope'])}, Spearman {fmt(farthest['spearman'])}, {fmt(farthest['num_compared'])} directions)")
     return Verdict(bool(held), "; ".join(parts) + ".", numbers)
 
 
