@@ -114,7 +114,8 @@ def _fig10(data: dict, check: dict | None = None) -> Verdict:
              "(reported, not judged)"]
     if farthest is not None and not held:
         parts.append(f"the layer farthest from slope 1 is {farthest['name']} (slope "
-                     f"{fmt(farthest['slope'])}, Spearman {fmt(farthest['spearman'])}, {fmt(farthest['num_compared'])} directions)")
+                     f"{fmt(farthest['slope'])}, Spearman {fmt(farthest['spearman'])}, "
+                     f"{fmt(farthest['num_compared'])} directions)")
     return Verdict(bool(held), "; ".join(parts) + ".", numbers)
 
 
