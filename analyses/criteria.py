@@ -47,20 +47,22 @@ def fig09(data: dict) -> Verdict:
     shape = large is not None and 0 < large <= FEW and 0 < small <= FEW
     later = [s for s in tails if s > STABLE_FROM]
     numbers = {"saved steps": sorted(tails), "eigenvalues": last["count"],
-               f"large tail at step {max(tails)}": large, f"small tail at step {max(tails)}": small,
+               f"large tail at step {max(tails)} (fraction)": large,
+               f"small tail at step {max(tails)} (fraction)": small,
                "bulk width (decades, IQR)": last.get("iqr_decades")}
     if STABLE_FROM not in tails or not later:
         return Verdict(None, f"the run has no saved step at {STABLE_FROM} and after it", numbers)
     base = tails[STABLE_FROM]["quantiles"]
     changes = {q: max(_log_change(base[q], tails[s]["quantiles"][q]) for s in later) for q in TRACKED}
     worst = max(changes, key=changes.get)
-    early = {q: _log_change(tails[min(tails)]["quantiles"][q], base[q]) for q in TRACKED}
+    first = tails[min(tails)]["quantiles"]
+    early = {q: _log_change(first[q], base[q]) for q in TRACKED if first[q] > 0 and base[q] > 0}
     stable = changes[worst] <= MOSTLY_UNCHANGED
     numbers.update({
         f"largest quantile change after step {STABLE_FROM} (factor)": 10 ** changes[worst],
         "…at quantile": float(worst),
-        f"largest quantile change from step {min(tails)} to {STABLE_FROM} (factor)":
-            10 ** max(early.values()),
+        f"largest change of a positive quantile from step {min(tails)} to {STABLE_FROM} (factor)":
+            10 ** max(early.values()) if early else None,
     })
     why = []
     why.append("the tails are few (" + f"{fmt(100 * large)}% large, {fmt(100 * small)}% small)" if shape else
@@ -107,7 +109,7 @@ def _fig10(data: dict, check: dict | None = None) -> Verdict:
     sloped = [layer for layer in data.get("layers", []) if layer.get("slope") is not None]
     farthest = max(sloped, key=lambda layer: abs(layer["slope"] - 1.0), default=None)
     parts = [f"Spearman {fmt(rho)} ({'≥' if rho >= SPEARMAN_MIN else '<'} {SPEARMAN_MIN})",
-             f"slope {fmt(slope)} [{fmt(low)}, {fmt(high)}] "
+             f"slope {slope:.4g} [{low:.4g}, {high:.4g}] "
              + ("inside" if SLOPE_BAND[0] <= low and high <= SLOPE_BAND[1] else "not inside")
              + f" [{SLOPE_BAND[0]}, {SLOPE_BAND[1]}]",
              f"the variance is {fmt(10 ** data['offset_log10'])}× the curvature at the median "
