@@ -51,11 +51,12 @@ def step_losses(name: str) -> list[dict]:
         options = data_options(source.model_name, (source.config or {}).get("args", {}))
         spec = (source.config or {}).get("data", SETTINGS[name]["data"])
         row = {"step": step}
+        limit = min(LOSS_EXAMPLES, SETTINGS[name].get("examples") or LOSS_EXAMPLES)
         for split in ("train", "test"):
-            data = load_dataset(spec, split=split, limit=LOSS_EXAMPLES, **options)
+            data = load_dataset(spec, split=split, limit=limit, **options)
             total = 0.0
             with torch.no_grad():
-                for x, y in iterate_batches(data, 128):
+                for x, y in iterate_batches(data, 32):
                     total += float(mean_cross_entropy(model(x), y)) * len(x)
             row[split] = total / len(data)
         rows.append(row)
