@@ -40,6 +40,27 @@ plus the rows ``ĥ_τ = [h_τ, 0] Q_A`` added at the token ids
 (:class:`~curvlab.capture.layers.TiedEmbeddingAdapter`), summed before squaring. Its ``S`` is
 diagonal, so ``Q_S`` is a permutation and ``Q_S^T`` permutes the rows of each chunk's sums.
 
+**Noise of the curvature.** The ``exact`` route is exact. The ``mc`` route's value of a direction is a
+mean over ``K`` sampled labels per location; its standard error (conditional on the examples: only the
+label draws are random) comes from the ``K`` replicates of every batch: with ``R_bk = Σ_{n∈b} c_{n,k}²``
+the batch's estimate is ``mean_k R_bk`` with variance ``s_b²/K`` (``s_b²`` the unbiased variance of the
+``K`` replicates), and ``SE² = Σ_b s_b²/K / N²`` (``K ≥ 2``; with ``K = 1`` it is unknown, NaN).
+
+**The tied weight, Rao-Blackwellised.** Along a tied direction ``v = e_i q_j^T`` (``S`` is diagonal, so
+V-side eigenvectors are single tokens) the logit perturbation has a direct part, at the pre-softmax
+Linear, ``u_t = e_i â_t(j)``, and an indirect part through the embedding. The coefficient of a sampled
+logit vector ``b`` splits likewise, ``c = L + M`` (``L = Σ_t â_t(j) b_t(i)`` from the Linear use, ``M`` from
+the embedding use), and ``E[L²] = Σ_t â_t(j)² p_ti (1 − p_ti)`` in closed form (the softmax Hessian's
+diagonal; the locations' labels are independent). The estimator
+
+    v^T F v ≈ (1/N) [ Σ_n Σ_t â_nt(j)² p_nti (1 − p_nti) + (1/K) Σ_k Σ_n (c_nk² − L_nk²) ]
+
+keeps the Monte-Carlo draw only for ``M² + 2LM`` and is unbiased (its expectation is ``E[c²]``). For a
+rare token, ``p_i ≪ 1`` and the label ``i`` is almost never drawn, so plain Monte Carlo sees
+``L² ≈ (Σ_t â p_i)² ∝ p_i²`` almost always instead of the ``∝ p_i`` of the truth; the closed form has no
+such noise. It applies when the Linear's output is the model's logits (checked per batch; otherwise the
+plain ``mc`` estimate is used and the JSON says so).
+
 A run of ``curvlab gradcov`` — the bases read from a checkpoint, the jvp cross-check on selected
 directions, the JSON summary and the output file — is :mod:`curvlab.analysis.gradcov_run`; its public
 names are importable from here too.
@@ -58,9 +79,10 @@ import torch
 from torch import Tensor, nn
 
 from curvlab import distributed
+from curvlab.analysis.basis import LayerBasis, _permutation
 from curvlab.capture import layers as layer_math
 from curvlab.capture.factors import FactorSource, select_layers
-from curvlab.capture.loss import logit_gradient_samples
+from curvlab.capture.loss import CrossEntropy, logit_gradient_samples
 from curvlab.capture.task import Task, batch_context, default_task
 from curvlab.errors import OptionError
 
@@ -88,44 +110,16 @@ def __getattr__(name: str) -> Any:
 
 
 @dataclass
-class LayerBasis:
-    """The Kronecker-factored eigenbasis of one layer: ``Q_S`` (m×m), ``Q_A`` (n×n), eigenvalues.
-
-    ``Q_A`` includes the bias row when the layer has a bias. Columns are eigenvectors, eigenvalues
-    ascending (the order of ``torch.linalg.eigh``).
-    """
-
-    Q_S: Tensor
-    Q_A: Tensor
-    eigenvalues_S: Tensor
-    eigenvalues_A: Tensor
-
-    @classmethod
-    def from_factors(cls, S: np.ndarray | Tensor, A: np.ndarray | Tensor) -> LayerBasis:
-        """Eigendecompose dense (2-D) or diagonal (1-D) factors in float64 (small layers, tests)."""
-        lam_s, q_s = _eigh(torch.as_tensor(S, dtype=torch.float64))
-        lam_a, q_a = _eigh(torch.as_tensor(A, dtype=torch.float64))
-        return cls(q_s, q_a, lam_s, lam_a)
-
-    def kfac_eigenvalues(self) -> Tensor:
-        """``λ_S[i] λ_A[j]`` as an ``m × n`` matrix."""
-        return torch.outer(self.eigenvalues_S, self.eigenvalues_A)
-
-
-def _eigh(x: Tensor) -> tuple[Tensor, Tensor]:
-    if x.ndim == 1:
-        order = torch.argsort(x)
-        return x[order], torch.eye(len(x), dtype=x.dtype)[:, order]
-    return torch.linalg.eigh((x + x.T) / 2)
-
-
-@dataclass
 class _LayerSums:
     """Running float64 sums of one layer, all ``m × n``."""
 
     sum_c: Tensor
     sum_c2: Tensor
     sum_curvature: Tensor
+    curvature_var: Tensor | None = None  # Σ_b s_b²/K of the mc route (the variance of the summed estimate)
+    replicate_sum: Tensor | None = None  # this batch's Σ_k R_bk and Σ_k R_bk²
+    replicate_sq: Tensor | None = None
+    estimator: str = ""
     basis_A: Tensor | None = None
     input_rows: tuple[Tensor, Tensor | None] | None = None  # Q_A rows for the prepared inputs' order
     order_S: Tensor | None = None  # tied entry: Q_S = I[:, order_S] (its V-side factor is diagonal)
@@ -145,6 +139,8 @@ class DirectionStatistics:
     curvature: np.ndarray | None
     num_examples: int
     order: str
+    curvature_se: np.ndarray | None = None  # standard error of ``curvature`` (0: exact; NaN: unknown)
+    estimator: str = ""  # how the curvature was estimated: exact, mc, mc+closed-form direct path
 
 
 def contraction_order(locations: int, m: int, n: int, passes: int) -> str:
@@ -161,8 +157,10 @@ class KFEProjector:
 
     Use as a context manager; call :meth:`add_batch` per batch, then :meth:`statistics`.
     ``curvature`` is ``None`` (gradients only), ``"exact"`` (one extra backward pass per column of the
-    loss Hessian's square root) or ``"mc"`` (``mc_samples`` sampled labels). ``task``: how inputs go in,
-    the logits and the loss (:class:`~curvlab.capture.task.Task`; default softmax cross-entropy).
+    loss Hessian's square root) or ``"mc"`` (``mc_samples`` sampled labels, with standard errors from
+    ``mc_samples ≥ 2``). ``task``: how inputs go in, the logits and the loss
+    (:class:`~curvlab.capture.task.Task`; default softmax cross-entropy). ``rao_blackwell``: the tied
+    weight's direct path in closed form with ``mc`` and softmax cross-entropy (module docstring).
     """
 
     def __init__(
@@ -174,6 +172,7 @@ class KFEProjector:
         mc_samples: int = 1,
         generator: torch.Generator | None = None,
         task: Task | None = None,
+        rao_blackwell: bool = True,
     ) -> None:
         if curvature is not None and curvature not in CURVATURE_ROUTES:
             raise ValueError(f"curvature route must be one of {CURVATURE_ROUTES}, got {curvature!r}")
@@ -183,6 +182,7 @@ class KFEProjector:
         self.curvature = curvature
         self.mc_samples = mc_samples
         self.generator = generator
+        self.rao_blackwell = rao_blackwell
         self.num_examples = 0
         self.orders: dict[str, str] = {}
         self.layers: dict[str, tuple[FactorSource, Any, LayerBasis, _LayerSums]] = {}
@@ -191,12 +191,15 @@ class KFEProjector:
             # projections run in the model's precision; the sums are accumulated in float64
             weight = adapter.parameters(module)[0]
             device = weight.device
-            basis = LayerBasis(*(t.to(device=device, dtype=weight.dtype) for t in vars(basis).values()))
-            shape = (basis.Q_S.shape[0], basis.Q_A.shape[0])
+            basis = basis.to(device=device, dtype=weight.dtype)
+            shape = (basis.size_S, basis.Q_A.shape[0])
             zeros = [torch.zeros(shape, dtype=torch.float64, device=device) for _ in range(3)]
             sums = _LayerSums(*zeros, basis_A=basis.Q_A)
+            if curvature == "mc":
+                sums.curvature_var, sums.replicate_sum, sums.replicate_sq = (
+                    torch.zeros(shape, dtype=torch.float64, device=device) for _ in range(3))
             if isinstance(module, layer_math.TiedPair):
-                sums.order_S = _permutation(basis.Q_S, name)
+                sums.order_S = basis.order_S if basis.order_S is not None else _permutation(basis.Q_S, name)
             self.layers[name] = (module, adapter, basis, sums)
         self._handles: list[Any] = []
         self._recording = False
@@ -242,10 +245,13 @@ class KFEProjector:
                     )
                 ]
             self._prepare_inputs(len(passes))
+            direct = self._direct_terms(logits, labels) if self.curvature == "mc" else set()
             outputs = [out for *_, sums in self.layers.values() for out in sums.outputs]
             for k, (u, weight, is_curvature) in enumerate(passes):
                 grads = torch.autograd.grad(logits, outputs, grad_outputs=u, retain_graph=k + 1 < len(passes))
-                self._accumulate(grads, weight, is_curvature)
+                self._accumulate(grads, weight, is_curvature, direct)
+            if self.curvature == "mc":
+                self._close_batch()
         finally:
             for *_, sums in self.layers.values():
                 sums.inputs.clear()
@@ -261,7 +267,7 @@ class KFEProjector:
                 _prepare_tied_inputs(module, adapter, sums)
                 continue
             locations = adapter.output_grads(module, sums.outputs[0].detach()).shape[1]
-            order = contraction_order(locations, basis.Q_S.shape[0], basis.Q_A.shape[0], passes)
+            order = contraction_order(locations, basis.size_S, basis.Q_A.shape[0], passes)
             self.orders[name] = order
             has_bias = adapter.has_bias(module)
             if order == "gradient_first":
@@ -275,31 +281,80 @@ class KFEProjector:
                 prepared.append(_project_inputs(a, sums.input_rows))
             sums.inputs[:] = prepared
 
-    def _accumulate(self, grads: Sequence[Tensor], weight: float, is_curvature: bool) -> None:
+    def _direct_terms(self, logits: Tensor, labels: Tensor | None) -> set[str]:
+        """Add the closed-form direct-path curvature of every tied layer whose Linear gives the logits
+        (``Σ_n Σ_t â_nt(j)² p_nti (1 − p_nti)`` over the counted label locations, module docstring);
+        return their names. Only for softmax cross-entropy, whose Hessian's diagonal that is."""
+        done = set()
+        loss = self.task.loss
+        counted = loss.counted(labels) if isinstance(loss, CrossEntropy) else None
+        for name, (module, _, _, sums) in self.layers.items():
+            if not (self.rao_blackwell and isinstance(module, layer_math.TiedPair)):
+                continue
+            if not isinstance(loss, CrossEntropy):
+                sums.estimator = f"mc (no closed form for the {loss.name} loss's direct path)"
+                continue
+            linear = [(a, out) for a, out, role in zip(sums.inputs, sums.outputs, sums.roles, strict=True)
+                      if role == "linear"]
+            if not linear or any(out is not logits for _, out in linear):
+                sums.estimator = "mc (the tied Linear's output is not the logits: no closed form)"
+                continue
+            for a_hat, out in linear:
+                p = torch.softmax(out.detach().double(), dim=-1)
+                weight = p * (1 - p)
+                if counted is not None:  # an ignored label location is no loss term
+                    weight = weight * counted.unsqueeze(-1).to(weight.dtype)
+                weight = weight.reshape(-1, p.shape[-1])
+                direct = weight.T @ (a_hat.double() ** 2).reshape(-1, a_hat.shape[-1])
+                sums.sum_curvature.add_(direct[sums.order_S])
+            sums.estimator = "mc, direct path in closed form (Rao-Blackwellised)"
+            done.add(name)
+        return done
+
+    def _accumulate(self, grads: Sequence[Tensor], weight: float, is_curvature: bool,
+                    direct: set[str] = frozenset()) -> None:
         position = 0
         for name, (module, adapter, basis, sums) in self.layers.items():
             layer = _Layer(module, adapter, basis, sums.input_rows)
             layer_grads = grads[position : position + len(sums.outputs)]
             position += len(sums.outputs)
             if isinstance(module, layer_math.TiedPair):
-                chunks = _tied_coefficients(sums, layer_grads, layer)
+                rao_blackwell = is_curvature and name in direct
+                chunks = _tied_coefficients(sums, layer_grads, layer, rao_blackwell=rao_blackwell)
             else:
                 chunks = (
                     chunk
                     for a, grad_output in zip(sums.inputs, layer_grads, strict=True)
                     for chunk in _coefficients(a, grad_output, layer, self.orders[name])
                 )
-            for c, c2 in chunks:
-                if is_curvature:
-                    sums.sum_curvature.add_(c2, alpha=weight)
-                else:
+            if not is_curvature:
+                for c, c2 in chunks:
                     sums.sum_c.add_(c)
                     sums.sum_c2.add_(c2)
+                continue
+            total = torch.zeros_like(sums.sum_curvature)
+            for _, c2 in chunks:
+                total.add_(c2)
+            sums.sum_curvature.add_(total, alpha=weight)
+            if sums.replicate_sum is not None:  # mc: this pass is one replicate R_bk of the batch's sum
+                sums.replicate_sum.add_(total)
+                sums.replicate_sq.add_(total * total)
+
+    def _close_batch(self) -> None:
+        """Add the batch's replicate variance ``s_b²/K`` of every layer (mc, ``K ≥ 2``)."""
+        k = self.mc_samples
+        for *_, sums in self.layers.values():
+            if k >= 2:
+                spread = (sums.replicate_sq - sums.replicate_sum**2 / k).clamp_min_(0) / (k - 1)
+                sums.curvature_var.add_(spread, alpha=1.0 / k)
+            sums.replicate_sum.zero_()
+            sums.replicate_sq.zero_()
 
     def reduce(self) -> None:
         """Add up the sums ``Σ c``, ``Σ c²``, the curvature sums and the example count of all processes
         (one collective; a no-op in a single process)."""
-        sums = [t for *_, s in self.layers.values() for t in (s.sum_c, s.sum_c2, s.sum_curvature)]
+        sums = [t for *_, s in self.layers.values()
+                for t in (s.sum_c, s.sum_c2, s.sum_curvature, s.curvature_var) if t is not None]
         count = torch.tensor([self.num_examples], dtype=torch.int64, device=sums[0].device if sums else "cpu")
         distributed.all_reduce_sum([*sums, count], "adding up the gradient statistics")
         self.num_examples = int(count.item())
@@ -315,6 +370,14 @@ class KFEProjector:
         for name, (_, _, basis, sums) in self.layers.items():
             mean = sums.sum_c / n
             variance = (sums.sum_c2 - n * mean * mean) / (n - 1)
+            se = None
+            if self.curvature == "exact":
+                se = np.zeros(tuple(sums.sum_curvature.shape))
+            elif self.curvature == "mc":
+                se = (sums.curvature_var.sqrt() / n).cpu().numpy()
+                if self.mc_samples < 2:
+                    se = np.full_like(se, np.nan)
+            estimator = sums.estimator or (self.curvature or "")
             result[name] = DirectionStatistics(
                 kfac_eigenvalue=basis.kfac_eigenvalues().double().cpu().numpy(),
                 mean=mean.cpu().numpy(),
@@ -323,6 +386,8 @@ class KFEProjector:
                 curvature=None if self.curvature is None else (sums.sum_curvature / n).cpu().numpy(),
                 num_examples=n,
                 order=self.orders.get(name, ""),
+                curvature_se=se,
+                estimator=estimator,
             )
         return result
 
@@ -364,17 +429,17 @@ def _coefficients(
     basis = layer.basis
     g = layer.adapter.output_grads(layer.module, grad_output)
     if order == "outer":
-        g_hat = g[:, 0] @ basis.Q_S
+        g_hat = basis.project_S(g[:, 0])
         a_hat = a[:, 0]
         yield (g_hat.T @ a_hat).double(), ((g_hat * g_hat).T @ (a_hat * a_hat)).double()
         return
-    m, n = basis.Q_S.shape[0], basis.Q_A.shape[0]
+    m, n = basis.size_S, basis.Q_A.shape[0]
     chunk = max(1, CHUNK_BYTES // (8 * m * n))  # the float64 copy of a chunk of coefficients
     rows, bias_row = layer.input_rows
     for start in range(0, a.shape[0], chunk):
         a_chunk, g_chunk = a[start : start + chunk], g[start : start + chunk]
         if order == "project_first":
-            c = torch.bmm((g_chunk @ basis.Q_S).transpose(1, 2), a_chunk)
+            c = torch.bmm(basis.project_S(g_chunk).transpose(1, 2), a_chunk)
         else:
             # G_n = g_n^T [a_n, 1] from the adapter's per-example gradient; its bias column is Σ_t g_nt
             gradients = layer.adapter.per_example_gradients(
@@ -383,7 +448,7 @@ def _coefficients(
             rotated = gradients @ rows
             if bias_row is not None:
                 rotated += g_chunk.sum(dim=1).unsqueeze(-1) * bias_row
-            c = basis.Q_S.T @ rotated
+            c = basis.rotate_S(rotated)
         c = c.double()
         yield c.sum(dim=0), (c * c).sum(dim=0)
 
@@ -412,16 +477,6 @@ def _targets(source: FactorSource, adapter: Any) -> list[tuple[nn.Module, str]]:
     return [(source, "layer")]
 
 
-def _permutation(Q_S: Tensor, name: str) -> Tensor:
-    """``order`` with ``Q_S = I[:, order]``, the eigenbasis of a diagonal factor (see :func:`_eigh`)."""
-    order = Q_S.argmax(dim=0)
-    size = len(order)
-    ones = bool((Q_S[order, torch.arange(size, device=Q_S.device)] == 1).all())
-    if not (ones and int(torch.count_nonzero(Q_S)) == size and order.unique().numel() == size):
-        raise ValueError(f"layer {name}: the tied entry's S must be diagonal (its eigenbasis a permutation)")
-    return order
-
-
 def _prepare_tied_inputs(pair: layer_math.TiedPair, adapter: Any, sums: _LayerSums) -> None:
     """The Linear's inputs projected once per batch, ``Â = [a, 1] Q_A``; the token ids as ``[B, T]``."""
     sums.input_rows = _input_rows(sums.basis_A, None, adapter.has_bias(pair))
@@ -434,7 +489,7 @@ def _prepare_tied_inputs(pair: layer_math.TiedPair, adapter: Any, sums: _LayerSu
 
 
 def _tied_coefficients(
-    sums: _LayerSums, grads: Sequence[Tensor], layer: _Layer
+    sums: _LayerSums, grads: Sequence[Tensor], layer: _Layer, *, rao_blackwell: bool = False
 ) -> Iterable[tuple[Tensor, Tensor]]:
     """Yield ``(Σ_n c_n, Σ_n c_n²)`` of the tied embedding / pre-softmax weight over chunks of the batch.
 
@@ -442,6 +497,10 @@ def _tied_coefficients(
     prepared, ``ĥ = [h, 0] Q_A`` projected here) from the adapter, both uses summed before squaring.
     ``S`` is diagonal, so ``Q_S = I[:, order]`` and ``Q_S^T M = M[order]``: the rows of the chunk sums
     are permuted, not the per-example matrices.
+
+    ``rao_blackwell``: the second sums are ``Σ_n (c_n² − L_n²) = Σ_n M_n (M_n + 2 L_n)``, ``L`` the Linear
+    use's part of ``c`` and ``M`` the embedding use's (its expectation's missing ``E[L²]`` is added in
+    closed form, :meth:`KFEProjector._direct_terms`).
     """
     pair, adapter = layer.module, layer.adapter
     rows, _ = layer.input_rows
@@ -452,13 +511,20 @@ def _tied_coefficients(
             linear.append((x, grad))
         else:
             embedding.append((x, grad @ rows))
-    m, n = layer.basis.Q_S.shape[0], layer.basis.Q_A.shape[0]
+    m, n = layer.basis.size_S, layer.basis.Q_A.shape[0]
     chunk = max(1, CHUNK_BYTES // (8 * m * n))  # the float64 copy of a chunk of coefficients
     for start in range(0, sums.inputs[0].shape[0], chunk):
         part = slice(start, start + chunk)
-        rotated = adapter.per_example_gradients(
-            pair, [(a[part], g[part]) for a, g in linear], [(ids[part], h[part]) for ids, h in embedding]
-        ).double()
+        linear_part = [(a[part], g[part]) for a, g in linear]
+        embedding_part = [(ids[part], h[part]) for ids, h in embedding]
+        if rao_blackwell:
+            L = adapter.per_example_gradients(pair, linear_part, []).double()
+            M = adapter.per_example_gradients(pair, [], embedding_part).double() if embedding_part else None
+            rotated = L if M is None else L + M
+            square = torch.zeros_like(L) if M is None else M * (M + 2 * L)
+            yield rotated.sum(dim=0)[sums.order_S], square.sum(dim=0)[sums.order_S]
+            continue
+        rotated = adapter.per_example_gradients(pair, linear_part, embedding_part).double()
         yield rotated.sum(dim=0)[sums.order_S], (rotated * rotated).sum(dim=0)[sums.order_S]
 
 
@@ -472,6 +538,7 @@ def project_gradients(
     seed: int = 0,
     progress: bool = False,
     task: Task | None = None,
+    rao_blackwell: bool = True,
 ) -> dict[str, DirectionStatistics]:
     """KFE statistics of every layer in ``bases`` over ``batches`` (see the module docstring).
 
@@ -486,7 +553,8 @@ def project_gradients(
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
     projector = KFEProjector(
-        model, bases, curvature=curvature, mc_samples=mc_samples, generator=generator, task=task
+        model, bases, curvature=curvature, mc_samples=mc_samples, generator=generator, task=task,
+        rao_blackwell=rao_blackwell,
     )
     ctx = distributed.context()
     if progress and ctx.is_main:

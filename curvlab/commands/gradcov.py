@@ -235,6 +235,8 @@ def _checkpoint_layers(path: str, step: int) -> dict[str, str]:
 
 def _write_ekfac(args: argparse.Namespace, source, bases, result, fisher: str, attrs: dict) -> None:
     """The EKFAC file (curvlab/io/ekfac.py): the bases used and the chosen second moments in them."""
+    import numpy as np
+
     from curvlab.io.checkpoint import CheckpointReader
     from curvlab.io.ekfac import EKFACLayer, permutation_of, write_ekfac
 
@@ -244,8 +246,13 @@ def _write_ekfac(args: argparse.Namespace, source, bases, result, fisher: str, a
             module_type, weight_shape, has_bias = reader.layer_meta(source.step, name)
             stats = result.layers[name]
             values = stats.second_moment if fisher == "empirical" else stats.curvature
-            q_s, q_a = basis.Q_S.double().cpu().numpy(), basis.Q_A.double().cpu().numpy()
-            s_order, a_order = permutation_of(q_s), permutation_of(q_a)
+            q_a = basis.Q_A.double().cpu().numpy()
+            if basis.order_S is not None:  # a diagonal S: its basis stays a permutation (never V × V)
+                q_s, s_order = None, basis.order_S.cpu().numpy().astype(np.int64)
+            else:
+                q_s = basis.Q_S.double().cpu().numpy()
+                s_order = permutation_of(q_s)
+            a_order = permutation_of(q_a)
             layers[name] = EKFACLayer(
                 module_type, weight_shape, has_bias, values.clip(min=0),
                 basis.eigenvalues_S.double().cpu().numpy(), basis.eigenvalues_A.double().cpu().numpy(),
