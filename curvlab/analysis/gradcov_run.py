@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor, nn
 
 from curvlab.analysis.curvature import directional_curvature
@@ -87,7 +86,7 @@ def run_gradcov(
     for name, layer_stats in stats.items():
         picks = select_directions(layer_stats.kfac_eigenvalue, directions) if directions else []
         basis = bases[name]
-        vectors = [torch.outer(basis.Q_S[:, i], basis.Q_A[:, j]) for i, j in picks]
+        vectors = [basis.direction(i, j) for i, j in picks]
         selected[name] = picks
         fvp[name] = (
             directional_curvature(model, name, vectors, batches).cpu().numpy() if picks else np.zeros(0)
