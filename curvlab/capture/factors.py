@@ -74,6 +74,7 @@ class _LayerState:
     A_sum: Tensor | None = None
     S_sum: Tensor | None = None
     outputs: list[tuple[str, Tensor]] = field(default_factory=list)
+    skipped: str | None = None
 
     def on_forward(self, role: str, x: Tensor, output: Tensor, dtype: torch.dtype) -> None:
         self.A_sum = _add(self.A_sum, self.adapter.input_second_moment(self.module, x), dtype)
@@ -114,6 +115,7 @@ class _TiedState:
     outputs: list[tuple[str, Tensor]] = field(default_factory=list)
     batch_S: Tensor | None = None
     batch_terms: int = 0
+    skipped: str | None = None
 
     def on_forward(self, role: str, x: Tensor, output: Tensor, dtype: torch.dtype) -> None:
         if role == "linear":
@@ -151,8 +153,8 @@ class _NormState:
     ``r_nc = Σ_calls Σ_t g_nct [x̂_nct, 1]`` (:mod:`curvlab.capture.norms`). ``S`` is the constant ``[1]``.
 
     ``batch_norm``: ``"error"`` refuses batch norm that normalises with batch statistics (training
-    mode) with a one-line :class:`~curvlab.errors.LayerError`; ``"skip"`` records nothing for it and
-    keeps the reason in ``skipped`` (the K-FAC optimizer's choice).
+    mode) with a one-line :class:`~curvlab.errors.LayerError`; ``"skip"`` records nothing while it does
+    and keeps the reason in ``coupled`` (the K-FAC optimizer's choice).
     """
 
     name: str
@@ -165,13 +167,14 @@ class _NormState:
     inputs: list[Tensor] = field(default_factory=list)
     checked: bool = False
     skipped: str | None = None
+    coupled: str | None = None  # batch norm seen normalising with batch statistics ("skip" mode)
 
     def on_forward(self, role: str, x: Tensor, output: Tensor, dtype: torch.dtype) -> None:
         reason = batch_coupled(self.module)
         if reason is not None:
             if self.batch_norm == "error":
                 raise LayerError(f"layer {self.name}: {reason}: call model.eval() before capturing factors")
-            self.skipped = reason
+            self.coupled = reason
             return
         x_hat = self.adapter.inputs(self.module, x)
         if not self.checked:
@@ -197,6 +200,13 @@ class _NormState:
 
 
 _State = _LayerState | _TiedState | _NormState
+
+
+def _discard(state: _State, reason: str) -> None:
+    """Set an entry aside for good: no factors, ``reason`` in the coverage report."""
+    state.skipped = reason
+    state.A_sum = state.S_sum = None
+    state.end_batch()
 
 
 def _state(name: str, source: FactorSource, adapter: Any, batch_norm: str) -> _State:
@@ -278,6 +288,7 @@ class FactorAccumulator:
         }
         self._handles: list[Any] = []
         self._recording = False
+        self._batch_size: int | None = None
 
     def __enter__(self) -> FactorAccumulator:
         for state in self.layers.values():
@@ -291,6 +302,14 @@ class FactorAccumulator:
 
     def _on_use(self, state: _State):
         def on_use(role: str, x: Tensor, output: Tensor) -> None:
+            if state.skipped is not None:
+                return
+            if self._batch_size is not None and x.shape[:1] != (self._batch_size,):
+                rows = x.shape[0] if x.dim() else "no"
+                _discard(state, f"called on a tensor whose first dimension ({rows}) is not the batch "
+                                f"({self._batch_size} examples): its output is shared by the examples "
+                                "(broadcast), so it has no per-example statistics")
+                return
             state.on_forward(role, x, output, self.dtype)
 
         return on_use
@@ -302,6 +321,7 @@ class FactorAccumulator:
         ``module``: what to call instead of the model, e.g. its ``DistributedDataParallel`` wrapper
         (the hooks sit on the model's own layers, so they fire either way and keep their names)."""
         self._recording = record
+        self._batch_size = inputs.shape[0]
         try:
             logits = (self.model if module is None else module)(inputs)
         except BaseException:
@@ -403,8 +423,7 @@ class FactorAccumulator:
 
     def coverage(self) -> Coverage:
         """Which trainable parameters the entries seen so far cover (:mod:`curvlab.capture.coverage`)."""
-        extra = {name: state.skipped for name, state in self.layers.items()
-                 if isinstance(state, _NormState) and state.skipped}
+        extra = {name: _why_skipped(state) for name, state in self.layers.items() if _why_skipped(state)}
         return measure(self.model, self.plan, {n for n, s in self.layers.items() if _seen(s)}, extra)
 
     def factors(self) -> FactorSet:
@@ -428,6 +447,11 @@ class FactorAccumulator:
         return FactorSet(
             result, fisher_type=self.fisher, num_examples=self.num_examples, attrs=attrs, coverage=coverage
         )
+
+
+def _why_skipped(state: _State) -> str | None:
+    """Why an entry has no factors, if it was set aside (None: it was just not used)."""
+    return state.skipped or getattr(state, "coupled", None)
 
 
 def _seen(state: _State) -> bool:

@@ -477,8 +477,9 @@ class KFAC:
     def coverage(self) -> Coverage:
         """Which trainable parameters are preconditioned: those of the entries with running factors
         (the others take plain gradient steps; :mod:`curvlab.capture.coverage` says why)."""
-        extra = {name: state.skipped for name, state in self.accumulator.layers.items()
-                 if getattr(state, "skipped", None)}
+        extra = {name: state.skipped or getattr(state, "coupled", None)
+                 for name, state in self.accumulator.layers.items()
+                 if state.skipped or getattr(state, "coupled", None)}
         used = {name for name, entry in self.entries.items() if entry.A is not None}
         return measure(self.model, self.accumulator.plan, used, extra)
 
