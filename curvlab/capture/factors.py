@@ -87,7 +87,8 @@ class _LayerState:
             g = self.adapter.output_grads(self.module, grad)
             total = _add(total, layer_math.output_moment_sum(g), dtype)
             locations += g.shape[1]
-        self.S_sum = _add(self.S_sum, total * (weight / locations), dtype)
+        if locations:
+            self.S_sum = _add(self.S_sum, total * (weight / locations), dtype)
 
     def end_batch(self) -> None:
         self.outputs.clear()
