@@ -42,6 +42,11 @@ from curvlab.errors import LayerError
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, _BatchNorm, _InstanceNorm)
 
 
+def _shift(module: nn.Module) -> Tensor | None:
+    """``β`` (``None`` without one: RMSNorm has no ``bias`` attribute at all)."""
+    return getattr(module, "bias", None)
+
+
 def is_norm(module: nn.Module) -> bool:
     return isinstance(module, NORM_TYPES)
 
@@ -107,22 +112,21 @@ class NormAdapter:
         a subclass with its own forward (e.g. ghost batch statistics in training mode) is caught here."""
         gamma = module.weight.detach().reshape(-1)
         expected = x_hat * gamma
-        if module.bias is not None:
-            expected = expected + module.bias.detach().reshape(-1)
+        if _shift(module) is not None:
+            expected = expected + _shift(module).detach().reshape(-1)
         actual = self.normal_form(module, output.detach())
         scale = max(1.0, float(actual.abs().max())) if actual.numel() else 1.0
         tol = math.sqrt(torch.finfo(actual.dtype).eps) * scale
         if actual.shape != expected.shape or float((actual - expected).abs().max()) > tol:
             raise LayerError(
-                f"layer {name}: {type(module).__name__}'s output is not weight * normalise(x) + bias as "
-                f"{type(module).__mro__[1].__name__ if type(module) not in NORM_TYPES else 'PyTorch'} "
-                "computes it (a forward of its own, or batch statistics?): no Fisher block"
+                f"layer {name}: the output of {type(module).__name__} is not weight * normalise(input) + "
+                "bias as PyTorch's normalisation computes it (a forward of its own?): no Fisher block"
             )
 
     def terms(self, module: nn.Module, x_hat: Tensor, g: Tensor) -> Tensor:
         """``r_nc = Σ_t g_nct [x̂_nct, 1]``, ``[B, C, k]`` (``k = 1`` without a shift)."""
         scale = (g * x_hat).sum(dim=1)
-        if module.bias is None:
+        if _shift(module) is None:
             return scale.unsqueeze(-1)
         return torch.stack([scale, g.sum(dim=1)], dim=-1)
 
@@ -140,7 +144,7 @@ class NormAdapter:
         return tuple(module.weight.shape)
 
     def has_bias(self, module: nn.Module) -> bool:
-        return module.bias is not None
+        return _shift(module) is not None
 
     def supports(self, module: nn.Module) -> str | None:
         weight = dict(module.named_parameters(recurse=False)).get("weight")
@@ -152,7 +156,7 @@ class NormAdapter:
         return None
 
     def parameters(self, module: nn.Module) -> tuple[Tensor, Tensor | None]:
-        return module.weight, module.bias
+        return module.weight, _shift(module)
 
     def rows(self, module: nn.Module) -> tuple[slice | None, slice | None]:
         return None, None
@@ -160,12 +164,12 @@ class NormAdapter:
     def to_matrix(self, module: nn.Module, weight: Tensor, bias: Tensor | None) -> Tensor:
         """``W = [γ_1, β_1, γ_2, β_2, ...]`` as a ``1 × C·k`` matrix (a missing bias gradient is zero)."""
         columns = [weight.reshape(-1)]
-        if module.bias is not None:
+        if _shift(module) is not None:
             columns.append(torch.zeros_like(weight).reshape(-1) if bias is None else bias.reshape(-1))
         return torch.stack(columns, dim=1).reshape(1, -1)
 
     def from_matrix(self, module: nn.Module, matrix: Tensor) -> tuple[Tensor, Tensor | None]:
-        k = 2 if module.bias is not None else 1
+        k = 2 if _shift(module) is not None else 1
         blocks = matrix.reshape(-1, k)
         shape = module.weight.shape
         return blocks[:, 0].reshape(shape), (blocks[:, 1].reshape(shape) if k == 2 else None)
