@@ -311,6 +311,10 @@ class FactorAccumulator:
                                 f"({self._batch_size} examples): its output is shared by the examples "
                                 "(broadcast), so it has no per-example statistics")
                 return
+            if not output.requires_grad:
+                _discard(state, "its output does not depend on anything trainable (frozen): no output "
+                                "gradients")
+                return
             state.on_forward(role, x, output, self.dtype)
 
         return on_use
