@@ -164,8 +164,8 @@ class CrossAttention(nn.Module):
         q = torch.tanh(self.query(x[:, :half])).transpose(0, 1)  # seq-first: (L, N, d)
         k = torch.tanh(self.key(x[:, half:])).transpose(0, 1)
         v = torch.tanh(self.value(x[:, half:])).transpose(0, 1)
-        padding = torch.zeros(x.shape[0], x.shape[1] - half, dtype=torch.bool, device=x.device)
-        padding[0, -1] = True  # example 0's last memory position is padding
+        padding = x[:, half:, 0] > 0.5  # memory positions marked as padding by the data itself
+        padding[:, 0] = False  # (never all of them)
         out, _ = self.attn(q, k, v, key_padding_mask=padding)
         return self.fc(out.mean(dim=0))
 
