@@ -79,7 +79,8 @@ def test_kfe_statistics_of_every_entry_equal_brute_force(kind):
         np.testing.assert_allclose(stats[name].curvature, curvature, rtol=RTOL, atol=1e-12 * curvature.max())
 
 
-@pytest.mark.parametrize("kind", [pytest.param("cnn", marks=pytest.mark.slow), "transformer", "cross_attention"])
+@pytest.mark.parametrize("kind", [pytest.param("cnn", marks=pytest.mark.slow), "transformer",
+                                  "cross_attention"])
 def test_jvp_curvature_of_every_entry_equals_the_all_direction_route(kind):
     model = _model(kind)
     x, y = _data(kind, seed=1)
@@ -117,7 +118,8 @@ def test_norm_blocks_join_the_whole_network_spectrum(tmp_path):
     number, from_file = load_layer_eigenvalues(tmp_path / "cnn.spectrum.h5")
     _, from_checkpoint = load_layer_eigenvalues(path)
     for name, (_, a) in from_checkpoint.items():
-        np.testing.assert_allclose(from_file[name][1], a, rtol=1e-12, atol=1e-300)
+        # eigh with and without vectors: the same eigenvalues to rounding
+        np.testing.assert_allclose(from_file[name][1], a, rtol=1e-9, atol=1e-12 * a.max())
     assert isinstance(KroneckerSpectrum(list(from_file.values())).max(), float)
 
 
