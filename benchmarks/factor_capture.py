@@ -20,7 +20,8 @@ convention mapping of ``docs/factors.md`` (``A = T · A_cl``, ``S = S_cl / T``).
 The Transformer (:func:`run_attention`, result ``factor_capture_attention``): token and position
 embeddings, 2 pre-LN blocks of ``nn.MultiheadAttention`` (causal mask, d_model 128, 4 heads) and an
 MLP, a final LayerNorm and a head tied to the embedding, vocabulary 1,024, sequences of 64 tokens, 256
-sequences in batches of 32, float32, MC Fisher. Its floor is the same: a plain forward + backward of the
+sequences in batches of 32, float32, MC Fisher, timed interleaved (5 runs each, medians). Its floor is
+the same: a plain forward + backward of the
 mean cross-entropy (PyTorch's own attention forward), plus the covariance products of every entry —
 ``X^T X`` and ``G^T G`` of the q/k/v/out projections and Linear layers on tensors prepared beforehand,
 ``h^T h`` and ``Σ g∘g`` of the tied weight, and the per-channel ``Σ r r^T`` of the LayerNorms.
@@ -28,13 +29,14 @@ mean cross-entropy (PyTorch's own attention forward), plus the covariance produc
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.harness import timeit, write_result
+from benchmarks.harness import timeit, timeit_interleaved, write_result
 from curvlab.capture import layers as layer_math
 from curvlab.capture.factors import collect_factors, select_layers
 from curvlab.capture.layers import adapter_for
@@ -325,11 +327,12 @@ def run_attention() -> str:
     batches = _token_batches()
     prepared = _prepared_entry_tensors(model, *batches[0])
     factors = collect_factors(model, batches[:1], fisher="mc")
-    timings = {
-        "gradient_pass": timeit(lambda: _lm_gradient_pass(model, batches)),
-        "covariance_products": timeit(lambda: _entry_products(prepared, len(batches))),
-        "curvlab": timeit(lambda: collect_factors(model, batches, fisher="mc")),
-    }
+    load_before = os.getloadavg()[0]
+    timings = timeit_interleaved({
+        "gradient_pass": lambda: _lm_gradient_pass(model, batches),
+        "covariance_products": lambda: _entry_products(prepared, len(batches)),
+        "curvlab": lambda: collect_factors(model, batches, fisher="mc"),
+    })
     floor = timings["gradient_pass"]["median_s"] + timings["covariance_products"]["median_s"]
     ratio = timings["curvlab"]["median_s"] / floor
     result = {
@@ -338,6 +341,8 @@ def run_attention() -> str:
                 f"{SEQ_BATCH}, float32, MC Fisher (1 sample)",
         "entries": {name: f.module_type for name, f in factors.items()},
         "coverage": factors.coverage.record(),
+        "notes": "2-core machine shared with other jobs: 1-minute load average "
+                 f"{load_before:.1f} before and {os.getloadavg()[0]:.1f} after the timings",
         "floor_s": floor,
         "timings": timings,
         "ratios": {"curvlab_over_floor": ratio,
