@@ -36,8 +36,8 @@ class LayerBasis:
 
     @classmethod
     def from_factors(cls, S: np.ndarray | Tensor, A: np.ndarray | Tensor) -> LayerBasis:
-        """Eigendecompose dense (2-D) or diagonal (1-D) factors in float64; a diagonal ``S`` keeps its
-        eigenbasis as a permutation (eigenvalues ascending)."""
+        """Eigendecompose dense (2-D), diagonal (1-D) or blocks (3-D, a ``NormAffine`` ``A``) factors in
+        float64; a diagonal ``S`` keeps its eigenbasis as a permutation (eigenvalues ascending)."""
         S = torch.as_tensor(S, dtype=torch.float64)
         lam_a, q_a = _eigh(torch.as_tensor(A, dtype=torch.float64))
         if S.ndim == 1:
@@ -84,15 +84,45 @@ class LayerBasis:
         return LayerBasis(move(self._dense_S), move(self.Q_A), move(self.eigenvalues_S),
                           move(self.eigenvalues_A), order_S=move(self.order_S, floating=False))
 
+    @property
+    def blocks(self) -> bool:
+        """Whether ``Q_A`` holds per-channel blocks (a ``NormAffine`` entry): ``(C, k, k)``, block ``c``'s
+        eigenvectors, so ``Q_A`` as a matrix is ``diag(Q_A[0], ..., Q_A[C-1])`` and ``eigenvalues_A``
+        lists each block's, in block order (length ``n = C·k``)."""
+        return self.Q_A.dim() == 3
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(m, n)`` of the layer's weight matrix ``W``."""
+        return self.size_S, int(self.eigenvalues_A.shape[0])
+
+    def A_column(self, j: int) -> Tensor:  # noqa: N802 (the math name)
+        """Column ``j`` of ``Q_A`` as a dense vector (length ``n``)."""
+        if not self.blocks:
+            return self.Q_A[:, j]
+        k = self.Q_A.shape[1]
+        column = self.Q_A.new_zeros(self.eigenvalues_A.shape[0])
+        column[(j // k) * k : (j // k + 1) * k] = self.Q_A[j // k, :, j % k]
+        return column
+
+    def direction(self, i: int, j: int) -> Tensor:
+        """The weight perturbation ``Q_S[:, i] Q_A[:, j]^T`` of direction ``(i, j)``, ``m × n``."""
+        return torch.outer(self.column_S(i), self.A_column(j))
+
     def kfac_eigenvalues(self) -> Tensor:
         """``λ_S[i] λ_A[j]`` as an ``m × n`` matrix."""
         return torch.outer(self.eigenvalues_S, self.eigenvalues_A)
 
 
 def _eigh(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of a diagonal (1-D), dense (2-D) or blocks (3-D, each
+    block's eigenvalues in block order) factor."""
     if x.ndim == 1:
         order = torch.argsort(x)
         return x[order], torch.eye(len(x), dtype=x.dtype)[:, order]
+    if x.ndim == 3:
+        values, vectors = torch.linalg.eigh((x + x.transpose(1, 2)) / 2)
+        return values.reshape(-1), vectors
     return torch.linalg.eigh((x + x.T) / 2)
 
 

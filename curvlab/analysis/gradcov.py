@@ -33,6 +33,14 @@ bias, ``P`` backward passes per batch):
 The cheaper of the last two is chosen from the flop counts; either holds per-example ``m × n`` matrices
 only for a chunk of examples at a time (:data:`CHUNK_BYTES`), never for a whole batch.
 
+A layer called several times in a forward pass has the locations of all its calls (docs/factors.md):
+``G_n`` sums over them, so the per-example coefficients of the calls are added before they are squared
+(one call per example with one location each is then no longer an outer product: project first). The
+projections of an ``nn.MultiheadAttention`` (:mod:`curvlab.capture.attention`) are Linear layers on
+their own inputs, seen through its visible forward. A ``NormAffine`` entry (the ``(γ, β)`` of a
+normalisation layer, :mod:`curvlab.capture.norms`) has ``Q_S = [1]`` and a block-diagonal ``Q_A``:
+its coefficients are ``c_n = r_n Q_A`` channel by channel, ``r_nc = Σ_t g_nct [x̂_nct, 1]``.
+
 The tied embedding / pre-softmax weight ``E`` (seed eq. 16, a ``TiedEmbedding`` entry named after the
 Linear, ``W = E``, ``V × d``) has a gradient from both uses, ``G_n = Σ_t g_t [a_t, 1]^T + Σ_τ
 onehot(x_τ) [h_τ, 0]^T``; both modules are hooked and, project first, ``G_n Q_A`` is ``Σ_t g_t Â_t^T``
@@ -69,7 +77,6 @@ names are importable from here too.
 from __future__ import annotations
 
 import importlib
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -192,12 +199,12 @@ class KFEProjector:
             weight = adapter.parameters(module)[0]
             device = weight.device
             basis = basis.to(device=device, dtype=weight.dtype)
-            shape = (basis.size_S, basis.Q_A.shape[0])
-            zeros = [torch.zeros(shape, dtype=torch.float64, device=device) for _ in range(3)]
+            _check_basis(name, module, adapter, basis)
+            zeros = [torch.zeros(basis.shape, dtype=torch.float64, device=device) for _ in range(3)]
             sums = _LayerSums(*zeros, basis_A=basis.Q_A)
             if curvature == "mc":
                 sums.curvature_var, sums.replicate_sum, sums.replicate_sq = (
-                    torch.zeros(shape, dtype=torch.float64, device=device) for _ in range(3))
+                    torch.zeros(basis.shape, dtype=torch.float64, device=device) for _ in range(3))
             if isinstance(module, layer_math.TiedPair):
                 sums.order_S = basis.order_S if basis.order_S is not None else _permutation(basis.Q_S, name)
             self.layers[name] = (module, adapter, basis, sums)
@@ -205,9 +212,8 @@ class KFEProjector:
         self._recording = False
 
     def __enter__(self) -> KFEProjector:
-        for module, adapter, _, sums in self.layers.values():
-            for target, role in _targets(module, adapter):
-                self._handles.append(target.register_forward_hook(self._hook(sums, role)))
+        for module, _, _, sums in self.layers.values():
+            self._handles += layer_math.watch(module, self._on_use(sums), lambda: self._recording)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -215,15 +221,14 @@ class KFEProjector:
             handle.remove()
         self._handles.clear()
 
-    def _hook(self, sums: _LayerSums, role: str):
-        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            if not self._recording:
-                return
-            sums.inputs.append(inputs[0].detach())  # raw; prepared per contraction order below
+    @staticmethod
+    def _on_use(sums: _LayerSums):
+        def on_use(role: str, x: Tensor, output: Tensor) -> None:
+            sums.inputs.append(x)  # raw; prepared per contraction order below
             sums.outputs.append(output)
             sums.roles.append(role)
 
-        return hook
+        return on_use
 
     def add_batch(self, inputs: Any, labels: Tensor) -> None:
         """Forward one batch (the task's inputs); accumulate gradient statistics and (if asked) curvature."""
@@ -260,14 +265,24 @@ class KFEProjector:
         self.num_examples += loss.num_examples(logits, labels)
 
     def _prepare_inputs(self, passes: int) -> None:
-        """Project the inputs once per batch where the contraction order wants ``Â = a Q_A``."""
+        """Project the inputs once per batch where the contraction order wants ``Â = a Q_A``.
+
+        A layer called several times has the locations of all its calls (docs/factors.md); its
+        per-example coefficients are summed over the calls before they are squared.
+        """
         for name, (module, adapter, basis, sums) in self.layers.items():
             if isinstance(module, layer_math.TiedPair):
                 self.orders[name] = "project_first"
                 _prepare_tied_inputs(module, adapter, sums)
                 continue
-            locations = adapter.output_grads(module, sums.outputs[0].detach()).shape[1]
+            if isinstance(adapter, layer_math.NormAdapter):
+                self.orders[name] = "blocks"
+                sums.inputs[:] = [adapter.inputs(module, x) for x in sums.inputs]
+                continue
+            locations = sum(adapter.output_grads(module, out.detach()).shape[1] for out in sums.outputs)
             order = contraction_order(locations, basis.size_S, basis.Q_A.shape[0], passes)
+            if order == "outer" and len(sums.outputs) > 1:
+                order = "project_first"  # one location per call, but several calls: not one outer product
             self.orders[name] = order
             has_bias = adapter.has_bias(module)
             if order == "gradient_first":
@@ -321,12 +336,11 @@ class KFEProjector:
             if isinstance(module, layer_math.TiedPair):
                 rao_blackwell = is_curvature and name in direct
                 chunks = _tied_coefficients(sums, layer_grads, layer, rao_blackwell=rao_blackwell)
+            elif self.orders[name] == "blocks":
+                chunks = _block_coefficients(sums.inputs, layer_grads, layer)
             else:
-                chunks = (
-                    chunk
-                    for a, grad_output in zip(sums.inputs, layer_grads, strict=True)
-                    for chunk in _coefficients(a, grad_output, layer, self.orders[name])
-                )
+                calls = list(zip(sums.inputs, layer_grads, strict=True))
+                chunks = _coefficients(calls, layer, self.orders[name])
             if not is_curvature:
                 for c, c2 in chunks:
                     sums.sum_c.add_(c)
@@ -420,61 +434,82 @@ class _Layer:
 
 
 def _coefficients(
-    a: Tensor, grad_output: Tensor, layer: _Layer, order: str
+    calls: list[tuple[Tensor, Tensor]], layer: _Layer, order: str
 ) -> Iterable[tuple[Tensor, Tensor]]:
-    """Yield ``(Σ_n c_n, Σ_n c_n²)`` over chunks of the batch.
+    """Yield ``(Σ_n c_n, Σ_n c_n²)`` over chunks of the batch, ``c_n`` summed over the layer's calls.
 
-    ``a`` is the projected input ``Â`` (outer, project-first) or the layer's raw input (gradient-first).
+    ``calls`` holds one ``(a, grad_output)`` per call: ``a`` is the projected input ``Â`` (outer,
+    project-first) or the layer's raw input (gradient-first).
     """
     basis = layer.basis
-    g = layer.adapter.output_grads(layer.module, grad_output)
     if order == "outer":
-        g_hat = basis.project_S(g[:, 0])
+        ((a, grad_output),) = calls
+        g_hat = basis.project_S(layer.adapter.output_grads(layer.module, grad_output)[:, 0])
         a_hat = a[:, 0]
         yield (g_hat.T @ a_hat).double(), ((g_hat * g_hat).T @ (a_hat * a_hat)).double()
         return
-    m, n = basis.size_S, basis.Q_A.shape[0]
+    m, n = basis.shape
     chunk = max(1, CHUNK_BYTES // (8 * m * n))  # the float64 copy of a chunk of coefficients
     rows, bias_row = layer.input_rows
-    for start in range(0, a.shape[0], chunk):
-        a_chunk, g_chunk = a[start : start + chunk], g[start : start + chunk]
-        if order == "project_first":
-            c = torch.bmm(basis.project_S(g_chunk).transpose(1, 2), a_chunk)
-        else:
-            # G_n = g_n^T [a_n, 1] from the adapter's per-example gradient; its bias column is Σ_t g_nt
-            gradients = layer.adapter.per_example_gradients(
-                layer.module, a_chunk, grad_output[start : start + chunk]
-            )
-            rotated = gradients @ rows
-            if bias_row is not None:
-                rotated += g_chunk.sum(dim=1).unsqueeze(-1) * bias_row
-            c = basis.rotate_S(rotated)
+    grads = [(a, out, layer.adapter.output_grads(layer.module, out)) for a, out in calls]
+    for start in range(0, calls[0][0].shape[0], chunk):
+        part = slice(start, start + chunk)
+        c = None
+        for a, grad_output, g in grads:
+            if order == "project_first":
+                term = torch.bmm(basis.project_S(g[part]).transpose(1, 2), a[part])
+            else:
+                # G_n = g_n^T [a_n, 1] from the adapter's per-example gradient; its bias column is Σ_t g_nt
+                gradients = layer.adapter.per_example_gradients(layer.module, a[part], grad_output[part])
+                term = gradients @ rows
+                if bias_row is not None:
+                    term += g[part].sum(dim=1).unsqueeze(-1) * bias_row
+            c = term if c is None else c + term
+        if order == "gradient_first":
+            c = basis.rotate_S(c)
         c = c.double()
         yield c.sum(dim=0), (c * c).sum(dim=0)
 
 
+def _block_coefficients(
+    inputs: list[Tensor], grads: Sequence[Tensor], layer: _Layer
+) -> Iterable[tuple[Tensor, Tensor]]:
+    """Yield ``(Σ_n c_n, Σ_n c_n²)`` of a ``NormAffine`` entry: ``c_n = r_n Q_A`` block by block,
+    ``r_nc = Σ_calls Σ_t g_nct [x̂_nct, 1]`` (``inputs`` are the calls' ``x̂``; ``Q_S = [1]``)."""
+    adapter, module, basis = layer.adapter, layer.module, layer.basis
+    r = None
+    for x_hat, grad in zip(inputs, grads, strict=True):
+        term = adapter.terms(module, x_hat, adapter.output_grads(module, grad))
+        r = term if r is None else r + term
+    c = (torch.einsum("nci,cij->ncj", r, basis.Q_A).reshape(r.shape[0], 1, -1) * basis.Q_S[0, 0]).double()
+    yield c.sum(dim=0), (c * c).sum(dim=0)
+
+
+def _check_basis(name: str, module: FactorSource, adapter: Any, basis: LayerBasis) -> None:
+    """The basis must fit the layer: ``W`` is ``m × n`` and a blocks ``Q_A`` belongs to a norm entry."""
+    weight, bias = adapter.parameters(module)
+    m, n = adapter.to_matrix(module, weight.detach(), None if bias is None else bias.detach()).shape
+    if basis.shape != (m, n) or basis.blocks != isinstance(adapter, layer_math.NormAdapter):
+        raise ValueError(
+            f"layer {name}: an eigenbasis of shape {basis.shape} does not fit the layer's {m} x {n}"
+        )
+
+
 def _sources(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[FactorSource, Any]]:
-    """The module (or :class:`~curvlab.capture.layers.TiedPair`) and adapter of each named layer, named
-    as factor capture names them (:func:`curvlab.capture.factors.select_layers`: a tied embedding after
-    its Linear)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # factor capture has warned about the layers it leaves out
-        selected = select_layers(model)
+    """The source (module, :class:`~curvlab.capture.layers.TiedPair` or attention
+    :class:`~curvlab.capture.layers.Projection`) and adapter of each named entry, named as factor
+    capture names them (:func:`curvlab.capture.factors.select_layers`)."""
+    selected = select_layers(model)
     modules = dict(model.named_modules())
     for name in names:
-        if name not in modules:
-            raise ValueError(f"layer {name} of the eigenbasis is not a module of the model")
         if name not in selected:
-            kind = type(modules[name]).__name__
-            raise ValueError(f"layer {name}: {kind} is not a layer with K-FAC factors")
+            if name in modules:
+                kind = type(modules[name]).__name__
+                raise ValueError(f"layer {name}: {kind} is not a layer with K-FAC factors")
+            raise ValueError(f"layer {name} of the eigenbasis is not a layer of the model")
     return {name: selected[name] for name in names}
 
 
-def _targets(source: FactorSource, adapter: Any) -> list[tuple[nn.Module, str]]:
-    """The modules to hook, each with its role: the layer, or both uses of a tied weight."""
-    if isinstance(source, layer_math.TiedPair):
-        return adapter.targets(source)
-    return [(source, "layer")]
 
 
 def _prepare_tied_inputs(pair: layer_math.TiedPair, adapter: Any, sums: _LayerSums) -> None:

@@ -127,7 +127,7 @@ def run_gradcov(
     for name, layer_stats in stats.items():
         picks = select_directions(layer_stats.kfac_eigenvalue, directions) if directions else []
         basis = bases[name]
-        vectors = [torch.outer(basis.column_S(i), basis.Q_A[:, j]) for i, j in picks]
+        vectors = [basis.direction(i, j) for i, j in picks]
         selected[name] = picks
         fvp[name] = (
             directional_curvature(model, name, vectors, batches, task=task).cpu().numpy()

@@ -1,7 +1,7 @@
 """Reading checkpoints: :class:`CheckpointReader` (lazy, one layer at a time) and :func:`load`.
 
 Files are opened read-only (``h5py.File(path, "r")``) and never modified; no pickle anywhere. The
-root attributes must name format v1 (:mod:`.format`); a step group whose ``complete`` attribute is
+root attributes must name format version 1 or 2 (:mod:`.format`); a step group whose ``complete`` attribute is
 missing or false (its writer died while writing it) is skipped with an
 :class:`IncompleteStepWarning`. Every factor read is validated against the rules of :mod:`.format`
 (:func:`~curvlab.io.checkpoint.format.validate_layer`'s checks), and the exceptions h5py raises on
@@ -22,10 +22,12 @@ import h5py
 import numpy as np
 
 from curvlab.errors import CheckpointError, where
+from curvlab.io.checkpoint import coverage as coverage_format
 from curvlab.io.checkpoint.format import (
     _STEP_NAME,
     FORMAT,
     FORMAT_VERSION,
+    MODULE_TYPES,
     RESERVED_STEP_ATTRS,
     Checkpoint,
     LayerFactors,
@@ -37,7 +39,9 @@ from curvlab.io.checkpoint.format import (
     _error,
     _layer_meta_text,
     _one_line,
+    check_module_type_version,
     expected_factor_sizes,
+    factor_block,
 )
 
 
@@ -256,14 +260,15 @@ class CheckpointReader:
         lg = self._layer_group(step, layer)
         try:
             with _h5_errors(self.path, step, layer):
-                return _read_meta(lg)[:3]
+                return _read_meta(lg, self.format_version)[:3]
         except CheckpointError as exc:
             raise _error(str(exc), self.path, step, layer) from None
 
     def factor_kind(self, step: int, layer: str, which: str) -> str:
-        """``"diagonal"`` when factor ``which`` (``"A"`` or ``"S"``) is stored as a vector, else
-        ``"dense"``, from the dataset's shape alone (no data read, not validated: a missing or
-        malformed factor counts as dense; :meth:`read_factors` reports it)."""
+        """``"diagonal"`` when factor ``which`` (``"A"`` or ``"S"``) is stored as a vector,
+        ``"blocks"`` as ``(C, k, k)`` blocks, else ``"dense"``, from the dataset's shape alone (no data
+        read, not validated: a missing or malformed factor counts as dense; :meth:`read_factors`
+        reports it)."""
         if which not in ("A", "S"):
             raise ValueError(f"factor {which!r}: expected 'A' or 'S'")
         try:
@@ -271,19 +276,33 @@ class CheckpointReader:
                 ds = self._layer_group(step, layer).get(which)
         except CheckpointError:
             return "dense"
-        return "diagonal" if isinstance(ds, h5py.Dataset) and ds.ndim == 1 else "dense"
+        if not isinstance(ds, h5py.Dataset):
+            return "dense"
+        return {1: "diagonal", 3: "blocks"}.get(ds.ndim, "dense")
 
     def read_factors(self, step: int, layer: str) -> LayerFactors:
         """One layer's factors, read and validated (see :func:`validate_layer`)."""
         lg = self._layer_group(step, layer)
         try:
             with _h5_errors(self.path, step, layer):
-                module_type, weight_shape, has_bias, sizes = _read_meta(lg)
+                module_type, weight_shape, has_bias, sizes = _read_meta(lg, self.format_version)
                 meta = _layer_meta_text(module_type, weight_shape, has_bias)
-                arrays = [_read_factor(lg, name, size, meta) for name, size in zip("AS", sizes, strict=True)]
+                arrays = [
+                    _read_factor(lg, name, size, meta, factor_block(module_type, has_bias, name))
+                    for name, size in zip("AS", sizes, strict=True)
+                ]
         except CheckpointError as exc:
             raise _error(str(exc), self.path, step, layer) from None
         return LayerFactors(module_type, weight_shape, has_bias, arrays[0], arrays[1])
+
+    def read_coverage(self, step: int) -> dict[str, Any] | None:
+        """Which trainable parameters the step's factors cover (:mod:`.coverage`; ``None``: not recorded)."""
+        g = self._group(step)
+        try:
+            with _h5_errors(self.path, step):
+                return coverage_format.read(g)
+        except CheckpointError as exc:
+            raise _error(str(exc), self.path, step) from None
 
     def read_weights(self, step: int) -> dict[str, np.ndarray]:
         """The model parameters stored with a step (``{}`` if none)."""
@@ -367,9 +386,14 @@ def _read_model(f: h5py.File, path: str) -> tuple[str | None, dict | None]:
     return name, config
 
 
-def _read_meta(lg: h5py.Group) -> tuple[str, tuple[int, ...], bool, tuple[int, int]]:
-    """``module_type, weight_shape, has_bias, (size of A, size of S)`` from a layer group."""
+def _read_meta(
+    lg: h5py.Group, version: int = FORMAT_VERSION
+) -> tuple[str, tuple[int, ...], bool, tuple[int, int]]:
+    """``module_type, weight_shape, has_bias, (size of A, size of S)`` from a layer group of a file
+    of format ``version`` (a module type newer than the file is an error)."""
     module_type = _attr_str(lg.attrs, "module_type")
+    if module_type in MODULE_TYPES:
+        check_module_type_version(module_type, version)
     if "weight_shape" not in lg.attrs:
         raise CheckpointError("missing attribute weight_shape")
     raw_shape = lg.attrs["weight_shape"]
@@ -385,14 +409,14 @@ def _native(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def _read_factor(lg: h5py.Group, name: str, size: int, meta: str) -> np.ndarray:
+def _read_factor(lg: h5py.Group, name: str, size: int, meta: str, block: int | None = None) -> np.ndarray:
     ds = lg.get(name)
     if ds is None:
         raise CheckpointError(f"missing factor {name}")
     if not isinstance(ds, h5py.Dataset):
         raise CheckpointError(f"{name} is not a dataset")
     _check_dtype(name, ds.dtype)
-    _check_shape(name, tuple(ds.shape), size, meta)
+    _check_shape(name, tuple(ds.shape), size, meta, block)
     arr = _native(ds[()])
     _check_values(name, arr)
     return arr
@@ -477,4 +501,5 @@ def _load_step(
         factors=factors,
         weights=reader._read_weights(n) if weights else None,
         attrs=attrs,
+        coverage=reader.read_coverage(n),
     )

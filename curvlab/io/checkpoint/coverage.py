@@ -1,0 +1,117 @@
+"""The optional ``/steps/<step>/coverage`` group: which trainable parameters a step's factors cover.
+
+Factor capture reports every trainable parameter of the model (docs/factors.md, "Coverage"): covered
+by an entry, or skipped with a reason. A step records the counts and the skipped parameters::
+
+    /steps/<step>/coverage          attrs: covered_parameters, total_parameters (int64, >= 0)
+        skipped_name                (k,) variable-length UTF-8 strings: parameter names
+        skipped_parameters          (k,) int64 > 0: how many of each one's entries have no factors
+        skipped_reason              (k,) variable-length UTF-8 strings: why
+
+with ``covered_parameters + Σ skipped_parameters = total_parameters``. As a Python object (``Step.
+coverage``, ``FactorSet.coverage.to_json()``) it is ``{"covered_parameters", "total_parameters",
+"skipped": [{"name", "parameters", "reason"}]}``. h5py and numpy only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import h5py
+import numpy as np
+
+from curvlab.errors import CheckpointError
+
+GROUP = "coverage"
+#: At most this many skipped entries are written or read (a model has far fewer Parameters).
+MAX_SKIPPED = 1_000_000
+
+
+def validate(coverage: Any) -> dict[str, Any]:
+    """``coverage`` as a clean dict, or :class:`CheckpointError` (without a location)."""
+    if not isinstance(coverage, dict):
+        raise CheckpointError(f"coverage is a {type(coverage).__name__}, not a dict")
+    try:
+        covered, total = coverage["covered_parameters"], coverage["total_parameters"]
+        skipped = list(coverage.get("skipped", []))
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"coverage lacks {exc}") from None
+    for key, value in (("covered_parameters", covered), ("total_parameters", total)):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise CheckpointError(f"coverage {key} {value!r} is not a non-negative integer")
+    if len(skipped) > MAX_SKIPPED:
+        raise CheckpointError(f"coverage lists {len(skipped)} skipped parameters (at most {MAX_SKIPPED})")
+    clean = []
+    for item in skipped:
+        try:
+            name, count, reason = item["name"], item["parameters"], item["reason"]
+        except (KeyError, TypeError):
+            raise CheckpointError("a skipped coverage entry needs name, parameters and reason") from None
+        if not isinstance(name, str) or not isinstance(reason, str) or "\0" in name + reason:
+            raise CheckpointError(f"skipped coverage entry {name!r}: name and reason must be strings")
+        if isinstance(count, (bool, np.bool_)) or not isinstance(count, (int, np.integer)) or count < 1:
+            raise CheckpointError(
+                f"skipped coverage entry {name}: parameters {count!r} is not a positive integer"
+            )
+        clean.append({"name": name, "parameters": int(count), "reason": reason})
+    if int(covered) + sum(item["parameters"] for item in clean) != int(total):
+        raise CheckpointError(
+            f"coverage does not add up: {covered} covered + {sum(i['parameters'] for i in clean)} skipped "
+            f"!= {total} total parameters"
+        )
+    return {"covered_parameters": int(covered), "total_parameters": int(total), "skipped": clean}
+
+
+def write(step_group: h5py.Group, coverage: dict[str, Any]) -> None:
+    """The coverage group of a step (``coverage`` already :func:`validate`-d)."""
+    g = step_group.create_group(GROUP)
+    g.attrs["covered_parameters"] = np.int64(coverage["covered_parameters"])
+    g.attrs["total_parameters"] = np.int64(coverage["total_parameters"])
+    text = h5py.string_dtype("utf-8")
+    skipped = coverage["skipped"]
+    g.create_dataset("skipped_name", data=[s["name"] for s in skipped], dtype=text, shape=(len(skipped),))
+    g.create_dataset("skipped_parameters", data=np.array([s["parameters"] for s in skipped], dtype=np.int64))
+    g.create_dataset("skipped_reason", data=[s["reason"] for s in skipped], dtype=text, shape=(len(skipped),))
+
+
+def _strings(g: h5py.Group, name: str) -> list[str]:
+    ds = g.get(name)
+    if not isinstance(ds, h5py.Dataset) or ds.ndim != 1 or ds.dtype.kind not in "OS":
+        raise CheckpointError(f"coverage: {name} must be a 1-D string dataset")
+    if ds.shape[0] > MAX_SKIPPED:
+        raise CheckpointError(f"coverage: {name} has {ds.shape[0]} entries (at most {MAX_SKIPPED})")
+    values = ds[()]
+    try:
+        return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+    except UnicodeDecodeError:
+        raise CheckpointError(f"coverage: {name} holds a string that is not UTF-8") from None
+
+
+def read(step_group: h5py.Group) -> dict[str, Any] | None:
+    """A step's coverage (``None`` when it records none), validated."""
+    g = step_group.get(GROUP)
+    if g is None:
+        return None
+    if not isinstance(g, h5py.Group):
+        raise CheckpointError("coverage is not a group")
+    names, reasons = _strings(g, "skipped_name"), _strings(g, "skipped_reason")
+    counts_ds = g.get("skipped_parameters")
+    if not isinstance(counts_ds, h5py.Dataset) or counts_ds.ndim != 1 or counts_ds.dtype.kind not in "iu":
+        raise CheckpointError("coverage: skipped_parameters must be a 1-D integer dataset")
+    counts = counts_ds[()]
+    if not len(names) == len(reasons) == len(counts):
+        raise CheckpointError(
+            "coverage: skipped_name, skipped_parameters and skipped_reason differ in length"
+        )
+    attrs = {}
+    for key in ("covered_parameters", "total_parameters"):
+        if key not in g.attrs:
+            raise CheckpointError(f"coverage: missing attribute {key}")
+        value = np.asarray(g.attrs[key])
+        if value.size != 1 or value.dtype.kind not in "iu":
+            raise CheckpointError(f"coverage: {key} is not an integer")
+        attrs[key] = int(value.reshape(()))
+    skipped = [
+        {"name": n, "parameters": int(c), "reason": r} for n, c, r in zip(names, counts, reasons, strict=True)
+    ]
+    return validate({**attrs, "skipped": skipped})
