@@ -9,8 +9,12 @@ far below any real difference (a missing or doubled batch changes a factor by >1
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import signal
+import struct
+import termios
 import threading
 import time
 
@@ -169,18 +173,27 @@ def test_a_process_that_fails_stops_the_others_with_one_line(tmp_path):
 def test_a_killed_process_stops_the_others(tmp_path):
     """SIGKILL process 1 as soon as process 0 shows its progress bar (both have passed the start barrier,
     so process 1 is at work): process 0 finishes its batches, then its all-reduce fails — one line, no
-    file, no hang."""
+    file, no hang. Process 0's stderr is a pseudo-terminal: progress bars are drawn only on one."""
     port = free_port()
     args = [*FACTORS[:-1], "--examples", "1797", "--batch-size", "16", "--fisher", "exact", "-o", "x.h5"]
-    rank0 = start_rank(args, rank=0, world_size=2, port=port, cwd=tmp_path)
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # tqdm needs a width
+    rank0 = start_rank(args, rank=0, world_size=2, port=port, cwd=tmp_path, stderr=slave)
+    os.close(slave)
     rank1 = start_rank(args, rank=1, world_size=2, port=port, cwd=tmp_path)
     seen: list[str] = []
     started = threading.Event()
 
     def read_progress() -> None:
-        while chunk := rank0.stderr.read(1):
+        while True:
+            try:
+                chunk = os.read(master, 1024).decode(errors="replace")
+            except OSError:  # the process has closed the terminal
+                break
+            if not chunk:
+                break
             seen.append(chunk)
-            if "factors" in "".join(seen[-64:]):
+            if "factors" in "".join(seen)[-256:]:
                 started.set()
 
     reader = threading.Thread(target=read_progress, daemon=True)
@@ -190,6 +203,7 @@ def test_a_killed_process_stops_the_others(tmp_path):
     rank1.communicate(timeout=60)
     rank0.wait(timeout=120)
     reader.join(timeout=10)
+    os.close(master)
     err0 = "".join(seen)
     assert rank0.returncode == 1, err0
     line = [ln for ln in err0.replace("\r", "\n").splitlines() if ln.startswith("curvlab:")]

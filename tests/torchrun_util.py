@@ -50,12 +50,14 @@ def free_port() -> int:
 
 
 def start_rank(args: Sequence[str], *, rank: int, world_size: int, port: int, cwd: Path,
-               **env: str) -> subprocess.Popen:
-    """One process of a group, started by hand the way torchrun would (no agent watching it)."""
+               stderr: int | None = None, **env: str) -> subprocess.Popen:
+    """One process of a group, started by hand the way torchrun would (no agent watching it).
+    ``stderr``: a file descriptor for its stderr (e.g. a pseudo-terminal's), default a pipe."""
     extra = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **env}
     return subprocess.Popen([sys.executable, "-m", "curvlab", *args], cwd=cwd, env=process_env(**extra),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE if stderr is None else stderr,
+                            text=True)
 
 
 def h5_differences(a: Path, b: Path, *, rtol: float = 0.0, atol: float = 0.0,

@@ -39,8 +39,8 @@ def _add_compare(commands: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", metavar="CKPT")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--data", default=None, help=f"data source: {DATA_SOURCES} (default: the checkpoint's)")
-    p.add_argument("--examples", type=_positive_int, default=256, help="training examples (default 256)")
-    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--examples", type=_positive_int, default=256, help="training examples (default: 256)")
+    p.add_argument("--batch-size", type=_positive_int, default=128, help="examples per batch (default: 128)")
     p.add_argument(
         "--factors",
         choices=("recompute", "checkpoint"),
@@ -54,16 +54,18 @@ def _add_compare(commands: argparse._SubParsersAction) -> None:
         help="Fisher of the recomputed factors and of EKFAC's second moments; auto = exact for up "
         "to 100 classes × label locations, else mc",
     )
-    p.add_argument("--mc-samples", type=_positive_int, default=8)
-    p.add_argument("--top-k", type=_positive_int, default=10)
+    p.add_argument("--mc-samples", type=_positive_int, default=8,
+                   help="labels per example for mc (default: 8)")
+    p.add_argument("--top-k", type=_positive_int, default=10,
+                   help="top eigenpairs compared (default: 10)")
     p.add_argument(
         "--accuracy",
         type=_fraction,
         default=0.1,
-        help="SLQ's Wasserstein-1 accuracy t, in units of the GGN's λ_max (default 0.1)",
+        help="SLQ's Wasserstein-1 accuracy t, in units of the GGN's λ_max (default: 0.1)",
     )
     p.add_argument(
-        "--failure", type=_fraction, default=0.05, help="SLQ's failure probability η (default 0.05)"
+        "--failure", type=_fraction, default=0.05, help="SLQ's failure probability η (default: 0.05)"
     )
     p.add_argument(
         "--probes",
@@ -71,21 +73,25 @@ def _add_compare(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="SLQ probes (default: the Chen-Trogdon-Ubaru number for t and η, at least 1)",
     )
-    p.add_argument("--trace-probes", type=int, default=16, help="Hutchinson probes for the GGN trace")
-    p.add_argument("--floor", type=_fraction, default=1e-6, help="numerical floor, relative to λ_max")
+    p.add_argument("--trace-probes", type=int, default=16,
+                   help="Hutchinson probes for the GGN trace (default: 16)")
+    p.add_argument("--floor", type=_fraction, default=1e-6,
+                   help="numerical floor, relative to λ_max (default: 1e-6)")
     p.add_argument(
         "--max-block",
         type=_positive_int,
         default=4096,
-        help="largest layer (weights) whose dense GGN block is built for the Frobenius error",
+        help="largest layer (weights) whose dense GGN block is built for the Frobenius error (default: 4096)",
     )
-    p.add_argument("--layers", action="append", default=None, metavar="GLOB")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
-    p.add_argument("-o", "--output", default=None, metavar="OUT.json", help="write the JSON summary here")
-    p.add_argument("--plot", default=None, metavar="P.png")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--layers", action="append", default=None, metavar="GLOB",
+                   help="layers, repeatable (default: every layer)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the probes and mc labels (default: 0)")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto: cuda if a GPU is visible")
+    p.add_argument("-o", "--output", default=None, metavar="OUT.json",
+                   help="write the JSON summary here (default: not written)")
+    p.add_argument("--plot", default=None, metavar="P.png", help="densities plot (default: no plot)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=run_compare)
 
 
