@@ -349,7 +349,8 @@ def test_a_recorded_factory_runs_only_when_named(tmp_path, capsys):
         capsys.readouterr()
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "does not run on a file's say-so" in err[0] and "--model-arg width=4" in err[0]
+        assert len(err) == 1 and "does not run on a file's say-so" in err[0]
+        assert "--model-arg width=4" in err[0]
     capsys.readouterr()
     assert main(["sweep", "--worker", "-o", str(folder), "--model", spec]) == 2  # named, other arguments
     assert "must name the same" in capsys.readouterr().err
