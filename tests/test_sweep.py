@@ -326,3 +326,32 @@ def test_two_workers_share_one_storage(tmp_path):
         assert len({json.dumps(t.params, sort_keys=True) for t in complete}) == len(complete)
         workers |= {t.user_attrs["worker"] for t in complete}
     assert len(workers) == 2
+
+
+# ------------------------------------------------------------------------------------ recorded factories
+
+
+def test_a_recorded_factory_runs_only_when_named(tmp_path, capsys):
+    """A study database is a file (or a server) someone else may have written: a factory spec it
+    records is code. --resume and --worker refuse it unless the user names the same factory, and the
+    factory is not run (its marker file stays absent)."""
+    from curvlab.sweep.study import store_config
+
+    marker = tmp_path / "ran"
+    factory = tmp_path / "evil.py"
+    factory.write_text(f"open({str(marker)!r}, 'w').close()\ndef build(**kw):\n    raise SystemExit(3)\n")
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    spec = f"{factory}:build"
+    store_config(_storage(folder), SweepConfig(**{**small_config().to_json(), "model": spec,
+                                                  "model_args": {"width": 4}}))
+    for argv in (["sweep", "--resume", "-o", str(folder)], ["sweep", "--worker", "-o", str(folder)]):
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "does not run on a file's say-so" in err[0]
+        assert "--model-arg width=4" in err[0]
+    capsys.readouterr()
+    assert main(["sweep", "--worker", "-o", str(folder), "--model", spec]) == 2  # named, other arguments
+    assert "must name the same" in capsys.readouterr().err
+    assert not marker.exists()

@@ -143,16 +143,18 @@ def run_sweep(args: argparse.Namespace) -> int:
     if args.worker:
         if args.storage is None and args.output is None:
             raise OptionError("--worker needs --storage URL or -o SWEEP/ to find the sweep")
+        named = {k: given.pop(k) for k in ("model", "model_args", "data") if k in given}
         if given:
             raise OptionError("--worker takes the sweep's options from its storage; give only --storage/-o, "
-                              "--workers, --threads, --heartbeat and --device")
+                              "--workers, --threads, --heartbeat, --device, and --model/--model-arg/--data "
+                              "to name a factory the sweep records")
         from curvlab.sweep.run import join
 
         url = args.storage or st.default_storage(args.output)
         if args.storage is None and not os.path.exists(os.path.join(args.output, st.STUDY_FILE)):
             raise OptionError(f"{args.output}: holds no sweep ({st.STUDY_FILE} is missing)")
         done = join(url, workers=args.workers, heartbeat=heartbeat, device=device, progress=progress,
-                    threads=args.threads)
+                    threads=args.threads, named=named)
         if args.json:
             print(json.dumps({"worker": True, "trials_done": done.done, "running": done.running,
                               "cells_done": done.cells_done, "cells": done.cells}))

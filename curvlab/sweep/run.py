@@ -61,6 +61,25 @@ def _run(storage, url: str, config: SweepConfig, *, workers: int, heartbeat: int
         print(file=sys.stderr)
 
 
+def check_named(config: SweepConfig, named: dict[str, Any], where: str) -> None:
+    """A sweep read from a storage may be hostile: a model or data factory it records (code to run,
+    :mod:`curvlab.usercode`) is used only when the user names it, with the same arguments, on this
+    command line (``named``: ``model``, ``model_args``, ``data``); registry models and built-in data
+    need nothing."""
+    from curvlab.errors import DataError, ModelError
+    from curvlab.usercode import is_data_factory_spec, is_factory_spec, require_named
+
+    if is_factory_spec(config.model):
+        require_named(config.model, named.get("model"), where, args=config.model_args, error=ModelError)
+        if named["model"] != config.model or (named.get("model_args") or {}) != (config.model_args or {}):
+            raise ModelError(f"{where}: records the factory {config.model} with its arguments; --model and "
+                             "--model-arg must name the same")
+    if is_data_factory_spec(config.data):
+        require_named(str(config.data), named.get("data"), where, option="--data", error=DataError)
+        if named["data"] != config.data:
+            raise DataError(f"{where}: records the data factory {config.data}; --data must name the same")
+
+
 def sweep(
     config: SweepConfig | None,
     sweep_dir: str,
@@ -101,6 +120,8 @@ def sweep(
         diff = [k for k, v in config.to_json().items() if stored.to_json().get(k) != v]
         raise OptionError(f"{st._redact(url)}: --resume with options that differ from the recorded sweep "
                           f"({', '.join(diff)})")
+    if config is None:  # the recorded sweep's factories run only when the user names them
+        check_named(stored, {}, st._redact(url))
     config = stored or config
     config.check()
     validate(config)
@@ -117,12 +138,16 @@ def sweep(
 
 
 def join(storage_url: str, *, workers: int = 1, heartbeat: int = st.DEFAULT_HEARTBEAT, device: str = "cpu",
-         progress: bool = False, threads: int | None = None) -> st.Progress:
-    """``--worker``: run trials of the sweep recorded at ``storage_url`` until none is left to start."""
+         progress: bool = False, threads: int | None = None,
+         named: dict[str, Any] | None = None) -> st.Progress:
+    """``--worker``: run trials of the sweep recorded at ``storage_url`` until none is left to start.
+    ``named``: the ``model``, ``model_args`` and ``data`` the user gave, required for a factory the
+    sweep records (:func:`check_named`)."""
     storage = st.open_storage(storage_url, heartbeat)
     config = st.read_config(storage)
     if config is None:
         raise OptionError(f"{st._redact(storage_url)}: holds no curvlab sweep to join")
+    check_named(config, named or {}, st._redact(storage_url))
     validate(config)
     _run(storage, storage_url, config, workers=workers, heartbeat=heartbeat, device=device,
          show_progress=progress, threads=threads)
