@@ -174,6 +174,14 @@ class FactorAccumulator:
 
         return on_use
 
+    def check_model(self) -> None:
+        """Refuse, before any batch, what is wrong with the model itself rather than with a batch: a norm
+        entry that normalises with batch statistics (training-mode batch norm, ``batch_norm="error"``).
+        The forward hooks check it again at every use (the mode can change between batches)."""
+        for state in self.layers.values():
+            if isinstance(state, _NormState):
+                state.refuse_batch_statistics()
+
     def forward(
         self, inputs: Any, *, record: bool = True, module: nn.Module | None = None,
         labels: Tensor | None = None,
@@ -428,6 +436,7 @@ def collect_factors(
     )
     ctx = distributed.context()
     with accumulator:
+        accumulator.check_model()
         for k, batch in distributed.my_batches(_progress(batches, progress and ctx.is_main), ctx):
             generator.manual_seed(distributed.batch_seed(seed, k))
             with batch_context(k):

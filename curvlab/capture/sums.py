@@ -139,11 +139,17 @@ class _NormState:
     skipped: str | None = None
     coupled: str | None = None  # batch norm seen normalising with batch statistics ("skip" mode)
 
-    def on_forward(self, role: str, x: Tensor, output: Tensor, dtype: torch.dtype) -> None:
+    def refuse_batch_statistics(self) -> str | None:
+        """In ``"error"`` mode a :class:`~curvlab.errors.LayerError` if the module normalises with batch
+        statistics now; in ``"skip"`` mode the reason (``None``: it does not)."""
         reason = batch_coupled(self.module)
+        if reason is not None and self.batch_norm == "error":
+            raise LayerError(f"layer {self.name}: {reason}: call model.eval() before capturing factors")
+        return reason
+
+    def on_forward(self, role: str, x: Tensor, output: Tensor, dtype: torch.dtype) -> None:
+        reason = self.refuse_batch_statistics()
         if reason is not None:
-            if self.batch_norm == "error":
-                raise LayerError(f"layer {self.name}: {reason}: call model.eval() before capturing factors")
             self.coupled = reason
             return
         x_hat = self.adapter.inputs(self.module, x)
