@@ -158,9 +158,12 @@ class FactorAccumulator:
                 return
             if self._batch_size is not None and x.shape[:1] != (self._batch_size,):
                 rows = x.shape[0] if x.dim() else "no"
+                # a broadcast input (one row for all examples) or a folded one (e.g. x.reshape(-1, d):
+                # the examples' tokens as rows): either way its rows are not the examples, so neither
+                # per-example statistics nor the rows of ignored examples (``_rows``) can be taken
                 _discard(state, f"called on a tensor whose first dimension ({rows}) is not the batch "
-                                f"({self._batch_size} examples): its output is shared by the examples "
-                                "(broadcast), so it has no per-example statistics")
+                                f"({self._batch_size} examples): its rows are not the examples (a broadcast "
+                                "or folded input), so it has no per-example statistics")
                 return
             if not output.requires_grad:
                 _discard(state, "its output does not depend on anything trainable (frozen): no output "
