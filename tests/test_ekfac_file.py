@@ -81,7 +81,8 @@ def test_the_file_holds_the_gradcov_curvature_in_its_basis(files):
             curvature = np.clip(g[f"layers/{name}/curvature"][()], 0, None)
             if name in norms:  # gradcov's columns are in block order c·k + j
                 assert layer.A_eigenvectors.shape == (8, 2, 2) and np.all(np.diff(layer.A_eigenvalues) >= 0)
-                np.testing.assert_array_equal(layer.A_eigenvalues, bases[name].eigenvalues_A.numpy()[layer.A_order])
+                sorted_a = bases[name].eigenvalues_A.numpy()[layer.A_order]
+                np.testing.assert_array_equal(layer.A_eigenvalues, sorted_a)
                 curvature = curvature[:, layer.A_order]
             np.testing.assert_array_equal(layer.eigenvalues, curvature)
     tied = [n for n, layer in record.layers.items() if layer.module_type == "TiedEmbedding"]

@@ -47,7 +47,9 @@ def _factors(seed=0):
             torch.rand(5, generator=gen, dtype=torch.float64).numpy() + 0.1,
         ),
         # a normalisation layer's (γ, β): 3 channel blocks of 2 × 2 (A), S = [1]; and one without β
-        "norm": LayerFactors("NormAffine", (3,), True, np.stack([_psd(2, gen) for _ in range(3)]), np.ones(1)),
+        "norm": LayerFactors(
+            "NormAffine", (3,), True, np.stack([_psd(2, gen) for _ in range(3)]), np.ones(1)
+        ),
         "rms": LayerFactors(
             "NormAffine", (2, 2), False, np.stack([_psd(1, gen) for _ in range(4)]), np.full(1, 0.7)
         ),

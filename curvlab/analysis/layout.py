@@ -226,7 +226,9 @@ class ParameterLayout:
             want = tuple(p.shape) if single else (*p.shape, tensors[0].shape[-1])
             if not isinstance(t, Tensor) or tuple(t.shape) != want:
                 got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                raise OptionError(f"parameter {self._param_name(p)}: expected a tensor of shape {want}, got {got}")
+                raise OptionError(
+                    f"parameter {self._param_name(p)}: expected a tensor of shape {want}, got {got}"
+                )
         columns = [tensors] if single else [[t[..., j] for t in tensors] for j in range(tensors[0].shape[-1])]
         matrices = [self.params_to_matrices(c) for c in columns]
         blocks = {b.name: torch.stack([m[b.name] for m in matrices]) for b in self.blocks}

@@ -375,7 +375,9 @@ class KFACOperator(_KFEOperator):
         return op
 
     def _apply(self, blocks: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {name: _times_factor(_factor_times(self.S[name], V), self.A[name]) for name, V in blocks.items()}
+        return {
+            name: _times_factor(_factor_times(self.S[name], V), self.A[name]) for name, V in blocks.items()
+        }
 
     def bases(self) -> dict[str, tuple[FactorBasis, FactorBasis]]:
         """The KFE of every layer, decomposed once by the spectrum engine (float64)."""
@@ -414,7 +416,10 @@ class KFACOperator(_KFEOperator):
                 damped[name] = ds[:, None] * da[None, :]
 
         def apply(blocks: dict[str, Tensor]) -> dict[str, Tensor]:
-            return {name: from_kfe(to_kfe(V, *bases[name]) / damped[name], *bases[name]) for name, V in blocks.items()}
+            return {
+                name: from_kfe(to_kfe(V, *bases[name]) / damped[name], *bases[name])
+                for name, V in blocks.items()
+            }
 
         return FunctionOperator(self.layout, apply, self.dtype, self.device)
 
