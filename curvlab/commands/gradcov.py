@@ -251,7 +251,8 @@ def _write_ekfac(args: argparse.Namespace, source, bases, result, fisher: str, a
 def _ekfac_layer(meta: tuple, basis, values):
     """One layer of the EKFAC file from gradcov's :class:`~curvlab.analysis.basis.LayerBasis` and the
     ``m × n`` second moments in its directions: a diagonal factor's basis as a permutation (never
-    ``V × V``), a ``NormAffine`` entry's blocks with their columns sorted by eigenvalue (``A_order``, docs/format.md)."""
+    ``V × V``), a ``NormAffine`` entry's blocks with their columns sorted by eigenvalue (``A_order``,
+    docs/format.md)."""
     import numpy as np
 
     from curvlab.io.ekfac import EKFACLayer, permutation_of
