@@ -169,8 +169,10 @@ if SCALE == "full":  # `make sweeps`: the small scale's figures with the full sw
 
 def _reduced(settings: dict[str, Any]) -> dict[str, Any]:
     """``CURVLAB_STEPS`` / ``CURVLAB_EXAMPLES`` / ``CURVLAB_NQM_ARGS``: a run of the same path with fewer
-    steps, examples (training set, batch, gradcov; then also 1 jvp direction per layer, 2 for the tied
-    check and 2 Monte-Carlo samples) and NQM dimensions, so that CI can run the paper scale end to end
+    steps (training; the sweeps also run one trial of one seed at their two smallest batch sizes),
+    examples (training set, batch, gradcov, K-FAC vs GGN; then also 1 jvp direction per layer, 2 for the
+    tied check, 2 Monte-Carlo samples, 3 Lanczos eigenvalues, one SLQ probe) and NQM dimensions, so that CI
+    can run the paper scale end to end
     (``make figures SCALE=paper DATA=cifar10:DIR STEPS=1 EXAMPLES=8 NQM_ARGS='--d 1000 --bins 20'``)."""
     steps, examples = os.environ.get("CURVLAB_STEPS"), os.environ.get("CURVLAB_EXAMPLES")
     nqm = os.environ.get("CURVLAB_NQM_ARGS")
@@ -188,6 +190,16 @@ def _reduced(settings: dict[str, Any]) -> dict[str, Any]:
             s["batch_size"] = min(s["batch_size"], int(examples))
             s["gradcov_examples"] = min(s["gradcov_examples"], int(examples))
             s["gradcov_directions"], s["check_directions"], s["gradcov_mc_samples"] = 1, 2, 2
+            c = s["compare"]
+            s["compare"] = {**c, "examples": min(c["examples"], int(examples)),
+                            "batch_size": min(c["batch_size"], int(examples)), "top_k": min(c["top_k"], 3),
+                            "accuracy": max(c["accuracy"], 0.5), "probes": 1, "trace_probes": 2}
+    if steps:  # the sweeps: the two smallest batch sizes, one trial, one seed, the reduced step budget
+        out["sweeps"] = {
+            name: {**sw, "batch_sizes": ",".join(sw["batch_sizes"].split(",")[:2]), "trials": 1, "seeds": 1,
+                   "workers": 1, "max_steps": min(int(sw["max_steps"]), int(steps))}
+            for name, sw in settings["sweeps"].items()
+        }
     if nqm:
         out["nqm_mode"] = "binned"
         out["nqm_args"] = nqm.split()
