@@ -196,6 +196,8 @@ def _check_weight_shape(module_type: str, weight_shape: object) -> tuple[int, ..
         )
     if (arr < 1).any():
         raise CheckpointError(f"bad weight_shape {_fmt(weight_shape)}: entries must be >= 1")
+    if (arr > np.iinfo(np.int64).max).any():
+        raise CheckpointError(f"bad weight_shape {_fmt(weight_shape)}: entries must fit in int64")
     return tuple(int(v) for v in arr)
 
 
@@ -295,6 +297,27 @@ def _check_values(name: str, x: np.ndarray) -> None:
         _check_dense_values(name, x, tol)
 
 
+def _check_scale(A: np.ndarray, S: np.ndarray) -> None:  # noqa: N803 (the math names)
+    """``tr A``, ``tr S`` and ``tr(S ⊗ A) = tr S · tr A`` are finite float64 numbers.
+
+    The trace of the Kronecker block bounds every K-FAC eigenvalue ``λ_S[i] λ_A[j]`` of the layer: if
+    it overflows, so would the spectrum, the sums ``info`` reports and every product downstream.
+    """
+    traces = []
+    with np.errstate(over="ignore", invalid="ignore"):
+        for name, x in (("A", A), ("S", S)):
+            diag = x if x.ndim == 1 else np.diagonal(x)
+            trace = float(np.abs(diag).sum(dtype=np.float64))
+            if not np.isfinite(trace):
+                raise CheckpointError(f"{name} is too large: its trace overflows float64")
+            traces.append(trace)
+        if not np.isfinite(traces[0] * traces[1]):
+            raise CheckpointError(
+                f"A and S are too large together: tr A * tr S = {traces[0]:.3g} * {traces[1]:.3g} "
+                "overflows float64 (the layer's K-FAC eigenvalues would be infinite)"
+            )
+
+
 def _layer_meta_text(module_type: str, weight_shape: tuple[int, ...], has_bias: bool) -> str:
     return f"{module_type} with weight_shape {weight_shape} and has_bias={has_bias}"
 
@@ -328,6 +351,7 @@ def validate_layer(
             _check_dtype(name, x.dtype)
             _check_shape(name, x.shape, size, meta)
             _check_values(name, x)
+        _check_scale(factors.A, factors.S)
     except CheckpointError as exc:
         raise _error(str(exc), path, step, layer) from None
 
