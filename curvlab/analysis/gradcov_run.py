@@ -131,6 +131,22 @@ def run_gradcov(
     return GradcovResult(stats, selected, fvp, route, task.loss)
 
 
+def check_finite_result(result: GradcovResult, where: str) -> None:
+    """Refuse statistics that overflowed (NaN or inf) before anything is summarised or written."""
+    from curvlab.errors import CurvlabError
+
+    for name, stats in result.layers.items():
+        for key in ("kfac_eigenvalue", "mean", "variance", "second_moment", "curvature"):
+            value = getattr(stats, key)
+            if value is not None and not np.isfinite(value).all():
+                raise CurvlabError(
+                    f"{where}: layer {name}: the {key.replace('_', ' ')} of the gradients is not finite "
+                    "(NaN or inf): weights or data too large for the model's precision?"
+                )
+        if name in result.fvp_curvature and not np.isfinite(result.fvp_curvature[name]).all():
+            raise CurvlabError(f"{where}: layer {name}: the jvp curvature is not finite (NaN or inf)")
+
+
 NULL_FLOOR = 1e-12
 
 

@@ -12,7 +12,6 @@ data-parallel under ``torchrun``; torch is imported only when the command runs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from typing import TYPE_CHECKING
 
@@ -27,6 +26,7 @@ from curvlab.commands.common import (
     _positive_int,
     _refuse_input_as_output,
     _write,
+    dump_json,
 )
 from curvlab.errors import ModelError, OptionError
 
@@ -146,7 +146,7 @@ def run_factors(args: argparse.Namespace) -> int:
         **factors.to_json(),
     }
     if args.json:
-        print(json.dumps(summary))
+        print(dump_json(summary))
     else:
         print(
             f"wrote {args.output}: step {step}, {len(factors)} layers of {name}, "

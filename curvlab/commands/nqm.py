@@ -17,7 +17,7 @@ import json
 import os
 import sys
 
-from curvlab.commands.common import _check_writable, _one_line_parser_error, _write
+from curvlab.commands.common import _check_writable, _write, dump_json
 from curvlab.errors import OptionError
 
 
@@ -28,7 +28,6 @@ def _add_nqm(commands: argparse._SubParsersAction) -> None:
         description="The noisy quadratic model (seed appendices B-E): exact second-moment dynamics of "
         "SGD, heavy-ball momentum and iterate averaging; see docs/nqm.md.",
     )
-    p.error = _one_line_parser_error(p)
     actions = p.add_subparsers(dest="nqm_command", required=True, metavar="ACTION")
     s = actions.add_parser(
         "steps",
@@ -36,7 +35,6 @@ def _add_nqm(commands: argparse._SubParsersAction) -> None:
         description="Steps to reach expected risk < C per batch size (bisection on t), minimised over a "
         "learning-rate grid and, with --momentum tuned / --ema tuned, a decay grid.",
     )
-    s.error = _one_line_parser_error(s)
     s.add_argument("--target", metavar="C", help="target expected risk (required, no default; the default "
                    "problem starts at 4.89)")
     s.add_argument("--batch-sizes", metavar="LIST", help="comma-separated batch sizes; items may be "
@@ -63,7 +61,6 @@ def _add_nqm(commands: argparse._SubParsersAction) -> None:
         help="the numbers and plot of Fig. 11, 13, 14 (a, b, c) or 15",
         description="Write fig<N>.png and fig<N>.json (the numbers behind it) into DIR, atomically.",
     )
-    f.error = _one_line_parser_error(f)
     f.add_argument("number", metavar="N", help="11, 13, 14 (all of 14a, 14b, 14c), 14a, 14b, 14c or 15")
     f.add_argument("--out", metavar="DIR", help="output folder (required, no default; created if missing)")
     f.add_argument("--mode", default=None, metavar="exact|binned", help="problem mode (default: exact, "
@@ -190,7 +187,7 @@ def run_nqm_steps(args: argparse.Namespace) -> int:
     result = steps_to_target(problem, target, batch, grid, t_max=t_max, progress=not args.quiet)
     records = result.records()
     if args.json:
-        print(json.dumps(records))
+        print(dump_json(records))
         return 0
     print(f"NQM ({problem.mode} mode, d={problem.d}), {kind}"
           + (f" (decay {decay})" if kind != "sgd" else "") + f", precond p={precond:g}, target {target:g}")
@@ -280,7 +277,7 @@ def run_nqm_figure(args: argparse.Namespace) -> int:
                         "d": problem.d if problem and name != "11" else None})
         log(f"[nqm figure {name}] wrote {png} and {js}")
     if args.json:
-        print(json.dumps({"out": args.out, "figures": entries}))
+        print(dump_json({"out": args.out, "figures": entries}))
     else:
         print("wrote " + ", ".join(written))
     return 0
