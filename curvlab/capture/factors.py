@@ -48,7 +48,8 @@ from curvlab.capture import layers as layer_math
 from curvlab.capture.loss import FISHER_TYPES, logit_gradient_samples
 from curvlab.capture.task import Task, batch_context, default_task
 from curvlab.errors import OptionError
-from curvlab.io.checkpoint import LayerFactors, Step, append_step, save
+from curvlab.io.checkpoint import LayerFactors, Step, append_step, expected_factor_sizes, save
+from curvlab.limits import check_size
 
 FactorSource = nn.Module | layer_math.TiedPair
 
@@ -204,6 +205,28 @@ def select_layers(
     return selected
 
 
+def check_factor_memory(selected: Mapping[str, tuple[FactorSource, Any]], dtype: torch.dtype) -> None:
+    """Refuse, before any batch, factors whose sums would not fit the memory budget (one line naming
+    the largest layer): a 3e6-wide input makes a Linear's ``A`` 3e6 x 3e6 (72 TB in float64)."""
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    sizes = {}
+    for name, (source, adapter) in selected.items():
+        shape, bias = adapter.weight_shape(source), adapter.has_bias(source)
+        n, m = expected_factor_sizes(adapter.module_type, shape, bias)
+        dense_a = adapter.input_kind == "dense"
+        dense_s = getattr(adapter, "output_kind", "dense") == "dense"
+        sizes[name] = ((n * n if dense_a else n) + (m * m if dense_s else m)) * itemsize, n, m
+    if not sizes:
+        return
+    largest = max(sizes, key=lambda k: sizes[k][0])
+    _, n, m = sizes[largest]
+    check_size(
+        f"the K-FAC factors of {len(sizes)} layers (largest: {largest}, A {n}x{n}, S {m}x{m})",
+        sum(v[0] for v in sizes.values()),
+        OptionError,
+    )
+
+
 class FactorAccumulator:
     """Hooks on a model that accumulate the K-FAC factor sums over batches.
 
@@ -245,7 +268,9 @@ class FactorAccumulator:
         self.generator = generator
         self.num_examples = 0
         self.layers: dict[str, _State] = {}
-        for name, (source, adapter) in select_layers(model, layers).items():
+        selected = select_layers(model, layers)
+        check_factor_memory(selected, dtype)
+        for name, (source, adapter) in selected.items():
             if isinstance(source, layer_math.TiedPair):
                 self.layers[name] = _TiedState(source, adapter)
             else:

@@ -5,7 +5,7 @@ them with :func:`member`, reads attributes with :func:`attribute` and datasets w
 What each guards against (docs/reliability.md):
 
 * **Files that are not files.** A named pipe blocks ``open``, a device is endless: both are refused
-  before opening (:func:`curvlab.io.limits.check_regular_file`).
+  before opening (:func:`curvlab.limits.check_regular_file`).
 * **libhdf5's infinite loop on a damaged global heap** (HDFGroup/hdf5#1707, h5py#2088). Variable-length
   strings (every string attribute curvlab writes) live in global heap collections; libhdf5 decodes a
   collection object by object, advancing by each object's size, and a free-space object (index 0) of
@@ -17,7 +17,7 @@ What each guards against (docs/reliability.md):
   are refused before they are followed (:func:`member`, :func:`read_array`): curvlab reads no byte
   outside the files the user named.
 * **Memory and time bombs.** Before a dataset is read its declared size is checked against the
-  machine's budget and against the bytes it stores (:class:`~curvlab.io.limits.ReadBudget`): storage
+  machine's budget and against the bytes it stores (:class:`~curvlab.limits.ReadBudget`): storage
   never written (unallocated chunks), chunks pointing past the end of the file and more than
   ``MAX_EXPANSION``-fold compression are refused; attributes over ``MAX_ATTRIBUTE_BYTES`` too.
 
@@ -36,7 +36,7 @@ import h5py
 import numpy as np
 
 from curvlab.errors import CurvlabError
-from curvlab.io.limits import MAX_ATTRIBUTE_BYTES, ReadBudget, check_regular_file, check_size, format_bytes
+from curvlab.limits import MAX_ATTRIBUTE_BYTES, ReadBudget, check_regular_file, check_size, format_bytes
 
 _SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _MAX_LINK_HOPS = 16  # libhdf5's default limit on soft-link traversals (H5Pset_nlinks)

@@ -47,7 +47,7 @@ from curvlab.io.checkpoint import (
     expected_factor_sizes,
 )
 from curvlab.io.checkpoint.reader import warn_incomplete
-from curvlab.io.limits import ReadBudget
+from curvlab.limits import ReadBudget
 
 SPECTRUM_FORMAT = "curvlab.spectrum"
 SPECTRUM_FORMAT_VERSION = 1

@@ -45,7 +45,7 @@ from curvlab.io.checkpoint.format import (
     _one_line,
     expected_factor_sizes,
 )
-from curvlab.io.limits import MAX_ATTRIBUTE_BYTES, ReadBudget, check_size
+from curvlab.limits import MAX_ATTRIBUTE_BYTES, ReadBudget, check_size
 
 #: Incomplete steps named in the one warning per file (the rest are counted).
 _LISTED_STEPS = 10
@@ -340,7 +340,7 @@ class CheckpointReader:
 
     def _read_weights(self, step: int) -> dict[str, np.ndarray] | None:
         """Every stored parameter, each checked before it is read, all of them within one array's
-        budget together (:mod:`curvlab.io.limits`), float ones finite."""
+        budget together (:mod:`curvlab.limits`), float ones finite."""
         g = self._group(step)
         try:
             wg = _member(g, "weights")

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from curvlab.errors import DataError
 from curvlab.io.data.dataset import Dataset, _describe, _first_line
-from curvlab.io.limits import check_regular_file, check_size, format_bytes
+from curvlab.limits import check_regular_file, check_size, format_bytes
 
 #: Per-channel (R, G, B) mean and std of the 50,000 CIFAR-10 training images, pixels in [0, 1].
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)

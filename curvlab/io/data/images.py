@@ -11,7 +11,7 @@
   ``1 +`` the largest label of ``y`` and ``y_test``, at most :data:`MAX_CLASSES`). Read member by
   member with ``allow_pickle=False``, each ``.npy`` header checked before its data is read: its size
   as float32 within the memory budget and at most ``MAX_EXPANSION`` times its compressed size
-  (:mod:`curvlab.io.limits`).
+  (:mod:`curvlab.limits`).
 
 CIFAR-10 folders have their own module (:mod:`curvlab.io.data.cifar10`). See ``docs/data.md``.
 """
@@ -29,7 +29,7 @@ from torch import Tensor
 
 from curvlab.errors import DataError
 from curvlab.io.data.dataset import Dataset, _describe, _first_line
-from curvlab.io.limits import MAX_EXPANSION, SMALL_ARRAY, check_regular_file, check_size, format_bytes
+from curvlab.limits import MAX_EXPANSION, SMALL_ARRAY, check_regular_file, check_size, format_bytes
 
 #: Largest number of classes of an ``.npz`` data set (its largest label + 1, or ``num_classes``): every
 #: class is a logit of the model, a column of the classifier and, for ``exact``, a backward pass.

@@ -32,7 +32,7 @@ import torch
 
 from curvlab.errors import DataError
 from curvlab.io.data.dataset import Dataset, _first_line
-from curvlab.io.limits import check_regular_file, check_size, format_bytes
+from curvlab.limits import check_regular_file, check_size, format_bytes
 
 #: Default vocabulary cap and sequence length of the text sources (= ``transformer_shallow``'s).
 DEFAULT_VOCAB = 2048

@@ -160,7 +160,8 @@ def check_regular_file(path: str, error: type[CurvlabError] = CurvlabError, what
     try:
         info = os.stat(path)
     except FileNotFoundError:
-        raise error(f"{where(path)}: " + ("no such file" if what == "file" else f"{what} not found")) from None
+        missing = "no such file" if what == "file" else f"{what} not found"
+        raise error(f"{where(path)}: {missing}") from None
     except OSError as exc:
         raise error(f"{where(path)}: cannot read: {exc.strerror or exc}") from None
     if stat.S_ISDIR(info.st_mode):
