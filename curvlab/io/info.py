@@ -9,6 +9,7 @@ same one-line error as every other command.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -78,7 +79,7 @@ def describe_checkpoint(path: str, steps: list[int] | None = None) -> dict[str, 
                     for name in reader.layer_names(step)
                 ]
                 entry["num_parameters_with_factors"] = sum(
-                    int(np.prod(layer["weight_shape"])) + _bias_size(layer) for layer in entry["layers"]
+                    math.prod(layer["weight_shape"]) + _bias_size(layer) for layer in entry["layers"]
                 )
             entries.append(entry)
         return {
