@@ -111,8 +111,12 @@ def _run_child(curvlab_main, request: dict) -> dict:
         rc = os.waitstatus_to_exitcode(raw)
         read = lambda path: open(path, encoding="utf-8", errors="replace").read()  # noqa: E731
         return {
-            "rc": rc, "stdout": read(out)[-20000:], "stderr": read(err)[-20000:], "seconds": seconds,
-            "killed": killed, "rss_extra_mib": max(0, usage.ru_maxrss - base_rss) / 1024,
+            "rc": rc,
+            "stdout": read(out)[-20000:],
+            "stderr": read(err)[-20000:],
+            "seconds": seconds,
+            "killed": killed,
+            "rss_extra_mib": max(0, usage.ru_maxrss - base_rss) / 1024,
         }
 
 
@@ -122,12 +126,22 @@ class Server:
     def __init__(self) -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         self.process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--serve"], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, text=True, env=env,
+            [sys.executable, str(Path(__file__).resolve()), "--serve"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
         )
 
-    def run(self, argv: list[str], *, timeout: float = 60.0, memory: int = 1 << 30,
-            env: dict | None = None, cwd: str | None = None) -> dict:
+    def run(
+        self,
+        argv: list[str],
+        *,
+        timeout: float = 60.0,
+        memory: int = 1 << 30,
+        env: dict | None = None,
+        cwd: str | None = None,
+    ) -> dict:
         request = {"argv": argv, "timeout": timeout, "memory": memory, "env": env or {}, "cwd": cwd}
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
@@ -166,8 +180,15 @@ def _strict_json(text: str) -> None:
     json.loads(text, parse_constant=refuse)
 
 
-def judge(outcome: dict, *, inputs: dict[str, str | None], outputs: list[str], timeout: float,
-          expect: str | None = None, json_out: bool = False) -> list[str]:
+def judge(
+    outcome: dict,
+    *,
+    inputs: dict[str, str | None],
+    outputs: list[str],
+    timeout: float,
+    expect: str | None = None,
+    json_out: bool = False,
+) -> list[str]:
     """What is wrong with ``outcome`` (empty: nothing). ``inputs``: path -> sha256 before the run;
     ``outputs``: paths the command may write (none may exist after a failure, nor a temp file
     beside them); ``expect``: ``"refuse"`` (exit 2) or ``"accept"`` (exit 0), or None for either."""
@@ -239,12 +260,25 @@ def argv_for(command: str, path: str, out: Path) -> tuple[list[str], list[str], 
         plot = str(out / "fit.png")
         return ["fit", path, "--bootstrap", "20", "--quiet", "--json", "--plot", plot], [plot], True
     output = str(out / "g.gradcov.h5")
-    return (["gradcov", path, "-o", output, "--examples", "16", "--directions", "2", "--quiet", "--json"],
-            [output], True)
+    return (
+        ["gradcov", path, "-o", output, "--examples", "16", "--directions", "2", "--quiet", "--json"],
+        [output],
+        True,
+    )
 
 
-def run_case(server: Server, command: str, kind: str, name: str, path: str, out: Path, *,
-             expect: str | None = None, timeout: float = 120.0, memory: int = 1 << 30) -> Case:
+def run_case(
+    server: Server,
+    command: str,
+    kind: str,
+    name: str,
+    path: str,
+    out: Path,
+    *,
+    expect: str | None = None,
+    timeout: float = 120.0,
+    memory: int = 1 << 30,
+) -> Case:
     """Run ``command`` on ``path`` and judge it (outputs are cleared from ``out`` first)."""
     argv, outputs, json_out = argv_for(command, path, out)
     for output in outputs:
@@ -252,10 +286,20 @@ def run_case(server: Server, command: str, kind: str, name: str, path: str, out:
             os.remove(output)
     inputs = {path: sha256(path)}
     outcome = server.run(argv, timeout=timeout, memory=memory)
-    problems = judge(outcome, inputs=inputs, outputs=outputs, timeout=timeout, expect=expect, json_out=json_out)
+    problems = judge(
+        outcome, inputs=inputs, outputs=outputs, timeout=timeout, expect=expect, json_out=json_out
+    )
     lines = outcome["stderr"].strip().splitlines()
-    return Case(command, kind, name, outcome["rc"], round(outcome["seconds"], 2),
-                round(outcome["rss_extra_mib"], 1), problems, lines[-1][:300] if lines else "")
+    return Case(
+        command,
+        kind,
+        name,
+        outcome["rc"],
+        round(outcome["seconds"], 2),
+        round(outcome["rss_extra_mib"], 1),
+        problems,
+        lines[-1][:300] if lines else "",
+    )
 
 
 def summarize(cases: list[Case]) -> dict:
@@ -272,8 +316,7 @@ def summarize(cases: list[Case]) -> dict:
     return {kind: {**dict(row), **worst[kind]} for kind, row in sorted(table.items())}
 
 
-def fuzz(workdir: Path, models: list[str], cases: int, seed: int, commands=COMMANDS,
-         log=print) -> list[Case]:
+def fuzz(workdir: Path, models: list[str], cases: int, seed: int, commands=COMMANDS, log=print) -> list[Case]:
     """The long run: every crafted file of every model through every command, then ``cases`` byte-level
     mutations (a quarter aimed at the file's structure) through ``info`` and, one in four, the rest."""
     sys.path.insert(0, str(HERE))
@@ -289,8 +332,15 @@ def fuzz(workdir: Path, models: list[str], cases: int, seed: int, commands=COMMA
         for model, name, kind, path in corpus:
             expect = "accept" if name == "original" else hf.CRAFTED[name][1]
             for command in commands:
-                case = run_case(server, command, kind, f"{model}-{name}", str(path), out,
-                                expect=expect if command == "info" else None)
+                case = run_case(
+                    server,
+                    command,
+                    kind,
+                    f"{model}-{name}",
+                    str(path),
+                    out,
+                    expect=expect if command == "info" else None,
+                )
                 results.append(case)
                 if case.problems:
                     log(f"FAIL {command} {model}-{name}: {case.problems} {case.message}")
@@ -325,24 +375,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=2000, help="byte-level mutations (default 2000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report", type=Path, default=None, help="write the figures and failures as JSON")
-    parser.add_argument("--workdir", type=Path, default=None, help="keep the corpus here (default: a temp dir)")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="keep the corpus here (default: a temp dir)"
+    )
     args = parser.parse_args(argv)
     if args.serve:
         return _serve()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
         start = time.monotonic()
-        cases = fuzz(workdir, args.models.split(","), args.cases, args.seed, log=lambda s: print(s, flush=True))
+        cases = fuzz(
+            workdir, args.models.split(","), args.cases, args.seed, log=lambda s: print(s, flush=True)
+        )
         figures = summarize(cases)
         failures = [asdict(c) for c in cases if c.problems]
         print(f"{len(cases)} runs in {time.monotonic() - start:.0f} s, {len(failures)} failures")
-        print(f"{'class':<24} {'cases':>6} {'exit 0':>7} {'exit 2':>7} {'fail':>5} {'max s':>6} {'max MiB':>8}")
+        print(
+            f"{'class':<24} {'cases':>6} {'exit 0':>7} {'exit 2':>7} {'fail':>5} {'max s':>6} {'max MiB':>8}"
+        )
         for kind, row in figures.items():
-            print(f"{kind:<24} {row['cases']:>6} {row.get('exit 0', 0):>7} {row.get('exit 2', 0):>7} "
-                  f"{row['failures']:>5} {row['seconds']:>6.1f} {row['rss_extra_mib']:>8.0f}")
+            print(
+                f"{kind:<24} {row['cases']:>6} {row.get('exit 0', 0):>7} {row.get('exit 2', 0):>7} "
+                f"{row['failures']:>5} {row['seconds']:>6.1f} {row['rss_extra_mib']:>8.0f}"
+            )
         if args.report:
-            args.report.write_text(json.dumps({"figures": figures, "failures": failures,
-                                               "cases": [asdict(c) for c in cases]}, indent=1))
+            args.report.write_text(
+                json.dumps(
+                    {"figures": figures, "failures": failures, "cases": [asdict(c) for c in cases]}, indent=1
+                )
+            )
         return 1 if failures else 0
 
 

@@ -44,8 +44,11 @@ def real_checkpoint(path: Path, model: str = "mlp", examples: int = 24, steps: i
     from curvlab.io.data import iterate_batches, load_dataset
     from curvlab.models import build_model, data_options, model_config
 
-    args: dict = {"d_model": 16, "n_heads": 2, "d_ff": 32, "vocab": 64, "seq_len": 8} if model.startswith(
-        "transformer") else {}
+    args: dict = (
+        {"d_model": 16, "n_heads": 2, "d_ff": 32, "vocab": 64, "seq_len": 8}
+        if model.startswith("transformer")
+        else {}
+    )
     data = load_dataset("pystdlib" if args else "digits", limit=examples, **data_options(model, args))
     torch.manual_seed(0)
     net = build_model(model, data.input_shape, data.num_classes, args).eval()
@@ -53,8 +56,9 @@ def real_checkpoint(path: Path, model: str = "mlp", examples: int = 24, steps: i
     config["data"] = data.name
     for step in range(steps):
         factors = collect_factors(net, iterate_batches(data, 8), fisher="empirical")
-        save_factors(path, factors, step=10 * step, model=net, model_name=model, model_config=config,
-                     append=step > 0)
+        save_factors(
+            path, factors, step=10 * step, model=net, model_name=model, model_config=config, append=step > 0
+        )
     return path
 
 
@@ -271,6 +275,7 @@ def _many_incomplete(count: int) -> Builder:
         for k in range(count):
             g = steps.create_group(str(100000 + k))
             g.attrs["step"] = 100000 + k
+
     return _edit(fn)
 
 
@@ -325,6 +330,7 @@ def _chunked(shape: tuple[int, ...], write: str, **options) -> Callable[[h5py.Gr
             block = np.zeros((shape[0], n))
             for i in range(0, n, shape[0]):
                 ds[i : i + shape[0]] = block[: n - i]
+
     return make
 
 
@@ -350,17 +356,34 @@ CRAFTED: dict[str, tuple[str, str, Builder]] = {
     "attr_negative_examples": ("attributes", "refuse", _set_step_attr("num_examples", -5)),
     "attr_float_examples": ("attributes", "refuse", _set_step_attr("num_examples", 2.5)),
     "attr_step_mismatch": ("attributes", "refuse", _set_step_attr("step", 77)),
-    "attr_weight_shape_u64max": ("attributes", "refuse",
-                                 _set_layer_attr("weight_shape", np.array([2**64 - 1, 5], dtype=np.uint64))),
-    "attr_weight_shape_huge": ("attributes", "refuse",
-                               _set_layer_attr("weight_shape", np.array([2**40, 2**40], dtype=np.int64))),
-    "attr_weight_shape_float": ("attributes", "refuse", _set_layer_attr("weight_shape", np.array([2.5, 3.0]))),
+    "attr_weight_shape_u64max": (
+        "attributes",
+        "refuse",
+        _set_layer_attr("weight_shape", np.array([2**64 - 1, 5], dtype=np.uint64)),
+    ),
+    "attr_weight_shape_huge": (
+        "attributes",
+        "refuse",
+        _set_layer_attr("weight_shape", np.array([2**40, 2**40], dtype=np.int64)),
+    ),
+    "attr_weight_shape_float": (
+        "attributes",
+        "refuse",
+        _set_layer_attr("weight_shape", np.array([2.5, 3.0])),
+    ),
     "attr_module_type": ("attributes", "refuse", _set_layer_attr("module_type", "Conv9d")),
     "attr_has_bias_text": ("attributes", "refuse", _set_layer_attr("has_bias", "yes")),
     "attr_format": ("attributes", "refuse", _edit(lambda f, _: f.attrs.__setitem__("format", "other"))),
-    "attr_format_version": ("attributes", "refuse",
-                            _edit(lambda f, _: f.attrs.__setitem__("format_version", 99))),
-    "attr_incomplete": ("attributes", "accept", _edit(lambda f, _: _first(f)[0].attrs.__delitem__("complete"))),
+    "attr_format_version": (
+        "attributes",
+        "refuse",
+        _edit(lambda f, _: f.attrs.__setitem__("format_version", 99)),
+    ),
+    "attr_incomplete": (
+        "attributes",
+        "accept",
+        _edit(lambda f, _: _first(f)[0].attrs.__delitem__("complete")),
+    ),
     "attr_300_incomplete": ("attributes", "accept", _many_incomplete(300)),
     # configs
     "config_data_path": ("configs", "accept", _config_data("text:OUTSIDE/secret.txt")),
@@ -371,24 +394,53 @@ CRAFTED: dict[str, tuple[str, str, Builder]] = {
     "config_not_object": ("configs", "refuse", _config_text("[1, 2]")),
     "config_huge_widths": ("configs", "accept", _edit(_widths)),
     # shapes
-    "shape_wrong_size": ("shapes", "refuse", _replace("A", lambda g, n, old: g.create_dataset(n, data=old[1:, 1:]))),
+    "shape_wrong_size": (
+        "shapes",
+        "refuse",
+        _replace("A", lambda g, n, old: g.create_dataset(n, data=old[1:, 1:])),
+    ),
     "shape_3d": ("shapes", "refuse", _replace("A", lambda g, n, old: g.create_dataset(n, data=old[None]))),
     "shape_scalar": ("shapes", "refuse", _replace("A", lambda g, n, old: g.create_dataset(n, data=1.0))),
-    "shape_empty": ("shapes", "refuse", _replace("A", lambda g, n, old: g.create_dataset(n, shape=(0,), dtype="f8"))),
+    "shape_empty": (
+        "shapes",
+        "refuse",
+        _replace("A", lambda g, n, old: g.create_dataset(n, shape=(0,), dtype="f8")),
+    ),
     "shape_huge_declared": ("shapes", "refuse", _resize_layer(1 << 20, _chunked((1024, 1024), "none"))),
     "shape_unwritten_chunks": ("shapes", "refuse", _resize_layer(20000, _chunked((1000, 1000), "none"))),
     "shape_half_written": ("shapes", "refuse", _resize_layer(400, _chunked((100, 100), "half"))),
-    "weight_huge_declared": ("shapes", "accept", _weight(lambda g, n, old: g.create_dataset(
-        n, shape=(1 << 20, 1 << 20), dtype="f4", chunks=(1024, 1024)))),
+    "weight_huge_declared": (
+        "shapes",
+        "accept",
+        _weight(
+            lambda g, n, old: g.create_dataset(n, shape=(1 << 20, 1 << 20), dtype="f4", chunks=(1024, 1024))
+        ),
+    ),
     # dtypes
     "dtype_int": ("dtypes", "refuse", _values(lambda x: x.astype(np.int64))),
     "dtype_float16": ("dtypes", "refuse", _values(lambda x: x.astype(np.float16))),
     "dtype_complex": ("dtypes", "refuse", _values(lambda x: x.astype(np.complex128))),
     "dtype_bigendian": ("dtypes", "accept", _values(lambda x: x.astype(">f8"))),
-    "dtype_string": ("dtypes", "refuse", _replace("A", lambda g, n, old: g.create_dataset(n, data=np.array(["a", "b"], dtype="S1")))),
-    "dtype_compound": ("dtypes", "refuse", _replace("A", lambda g, n, old: g.create_dataset(
-        n, data=np.zeros(old.shape[0], dtype=[("a", "f8"), ("b", "i4")])))),
-    "weight_string": ("dtypes", "accept", _weight(lambda g, n, old: g.create_dataset(n, data=np.array([b"x"])))),
+    "dtype_string": (
+        "dtypes",
+        "refuse",
+        _replace("A", lambda g, n, old: g.create_dataset(n, data=np.array(["a", "b"], dtype="S1"))),
+    ),
+    "dtype_compound": (
+        "dtypes",
+        "refuse",
+        _replace(
+            "A",
+            lambda g, n, old: g.create_dataset(
+                n, data=np.zeros(old.shape[0], dtype=[("a", "f8"), ("b", "i4")])
+            ),
+        ),
+    ),
+    "weight_string": (
+        "dtypes",
+        "accept",
+        _weight(lambda g, n, old: g.create_dataset(n, data=np.array([b"x"]))),
+    ),
     # values
     "value_nan": ("values", "refuse", _values(_set_entry(np.nan))),
     "value_inf": ("values", "refuse", _values(_set_entry(np.inf))),
@@ -396,8 +448,16 @@ CRAFTED: dict[str, tuple[str, str, Builder]] = {
     "value_1e200": ("values", "accept", _values(_diag_scaled(1e200))),
     "value_asymmetric": ("values", "refuse", _values(_set_off_diagonal(1e3))),
     "value_negative_diag": ("values", "refuse", _values(_diag_scaled(-1.0))),
-    "weight_nan": ("values", "accept", _weight(lambda g, n, old: g.create_dataset(n, data=np.full_like(old, np.nan)))),
-    "weight_inf": ("values", "accept", _weight(lambda g, n, old: g.create_dataset(n, data=np.full_like(old, np.inf)))),
+    "weight_nan": (
+        "values",
+        "accept",
+        _weight(lambda g, n, old: g.create_dataset(n, data=np.full_like(old, np.nan))),
+    ),
+    "weight_inf": (
+        "values",
+        "accept",
+        _weight(lambda g, n, old: g.create_dataset(n, data=np.full_like(old, np.inf))),
+    ),
     "weight_1e30": ("values", "accept", _edit(_scaled_weights(1e30))),
     # links
     "link_external_factor": ("links", "refuse", _link(_external_factor)),
@@ -411,7 +471,11 @@ CRAFTED: dict[str, tuple[str, str, Builder]] = {
     "storage_external_raw": ("storage", "refuse", _external_storage("raw.bin")),
     "storage_external_devzero": ("storage", "refuse", _external_storage("/dev/zero")),
     "storage_virtual": ("storage", "refuse", _edit(_virtual)),
-    "storage_gzip_bomb": ("storage", "refuse", _resize_layer(4096, _chunked((512, 512), "zeros", compression="gzip"))),
+    "storage_gzip_bomb": (
+        "storage",
+        "refuse",
+        _resize_layer(4096, _chunked((512, 512), "zeros", compression="gzip")),
+    ),
     "storage_compressed_ok": ("storage", "accept", _edit(_compressed_ok)),
     "storage_hardlinked_300": ("storage", "refuse", _hardlinked_steps(300)),
     # heaps
@@ -447,9 +511,11 @@ def metadata_offsets(path: Path) -> list[int]:
     """Byte offsets outside the raw data of contiguous datasets: where damage hits the structure."""
     ranges = []
     with h5py.File(path, "r") as f:
+
         def visit(_: str, obj) -> None:
             if isinstance(obj, h5py.Dataset) and obj.id.get_offset() is not None:
                 ranges.append((obj.id.get_offset(), obj.id.get_offset() + obj.id.get_storage_size()))
+
         f.visititems(visit)
     size = path.stat().st_size
     offsets, pos = [], 0
@@ -481,7 +547,8 @@ def metadata_mutation(data: bytes, offsets: list[int], rng: random.Random) -> tu
 
 
 def _npz(path: Path, compressed: bool = True, **arrays) -> None:
-    (np.savez_compressed if compressed else np.savez)(path, **arrays)
+    with open(path, "wb") as handle:  # a file object: numpy adds no .npz suffix
+        (np.savez_compressed if compressed else np.savez)(handle, **arrays)
 
 
 def _pickle_bomb(path: Path) -> None:
@@ -511,9 +578,18 @@ def _cifar_bin_labels(path: Path) -> None:
 
 #: name -> (--data spec with PATH for the file, builder(path)); every one must be refused
 DATA_FILES: dict[str, tuple[str, Callable[[Path], None]]] = {
-    "npz_label_1e9": ("npz:PATH", lambda p: _npz(p, x=np.zeros((4, 64), np.float32), y=np.array([0, 1, 0, 10**9]))),
-    "npz_wide_bomb": ("npz:PATH", lambda p: _npz(p, x=np.zeros((4, 3_000_000), np.float32), y=np.arange(4) % 2)),
-    "npz_rows_bomb": ("npz:PATH", lambda p: _npz(p, x=np.zeros((40_000, 3_000), np.float32), y=np.zeros(40_000, int))),
+    "npz_label_1e9": (
+        "npz:PATH",
+        lambda p: _npz(p, x=np.zeros((4, 64), np.float32), y=np.array([0, 1, 0, 10**9])),
+    ),
+    "npz_wide_bomb": (
+        "npz:PATH",
+        lambda p: _npz(p, x=np.zeros((4, 3_000_000), np.float32), y=np.arange(4) % 2),
+    ),
+    "npz_rows_bomb": (
+        "npz:PATH",
+        lambda p: _npz(p, x=np.zeros((40_000, 3_000), np.float32), y=np.zeros(40_000, int)),
+    ),
     "npz_object": ("npz:PATH", lambda p: _npz(p, x=np.array([object()] * 3), y=np.zeros(3, int))),
     "npz_nan": ("npz:PATH", lambda p: _npz(p, x=np.full((4, 64), np.nan, np.float32), y=np.zeros(4, int))),
     "npz_not_zip": ("npz:PATH", lambda p: p.write_bytes(b"not a zip" * 100)),
