@@ -47,7 +47,17 @@ def _serve() -> int:
     sys.path.insert(0, str(ROOT))
     import torch  # noqa: F401  (imported once here, not in every child)
 
+    import curvlab.analysis.gradcov_run  # noqa: F401  (what the commands import when they run)
+    import curvlab.analysis.powerlaw  # noqa: F401
+    import curvlab.analysis.spectrum  # noqa: F401
+    import curvlab.commands.common as common
+    import curvlab.io.restore  # noqa: F401
+    import curvlab.plots.gradcov  # noqa: F401
+    import curvlab.plots.powerlaw  # noqa: F401
+    import curvlab.plots.spectrum  # noqa: F401
     from curvlab.commands import main as curvlab_main
+
+    common.plot_formats()  # imports matplotlib's backends and Pillow's plugins
 
     torch.set_num_threads(1)
     for line in sys.stdin:

@@ -861,7 +861,7 @@ steps_strategy = st.lists(
         weights=st.none() | st.dictionaries(names, st.just(np.arange(3.0)), max_size=2),
         attrs=st.dictionaries(
             st.sampled_from(["ema_decay", "damping", "seed", "note"]),
-            st.floats(allow_nan=False)
+            st.floats(allow_nan=False, allow_infinity=False)  # non-finite extras are refused (issue 15)
             | st.integers(-(2**63), 2**63 - 1)
             | st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\0"),
                       max_size=5),

@@ -128,6 +128,7 @@ def test_damaged_global_heap_is_refused_instead_of_hanging(corpus, capsys):
     assert status == 2 and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.timeout(120)  # were a pipe opened, the open would block: fail, do not hang the suite
 def test_pipes_and_devices_are_refused_before_opening(corpus, capsys):
     paths = hf.not_regular(corpus["folder"] / "special")
     one_line_error(*run(["info", paths["fifo"]], capsys)[::2], "is a named pipe, not a regular file")

@@ -74,6 +74,7 @@ def bases_from_checkpoint(path: str, step: int, layers: Sequence[str] | None = N
 
     with CheckpointReader(path) as reader:
         names = reader.layer_names(step) if layers is None else list(layers)
+        reader.check_layers(step, names)  # a damaged layer fails before any decomposition
         bases = {}
         for name in names:
             factors = reader.read_factors(step, name)

@@ -286,6 +286,7 @@ def compute_spectrum(
         for n, names in plan.items():
             if not names:
                 raise OptionError(f"{source}: step {n}: no layer matches --layers {' '.join(patterns or [])}")
+            reader.check_layers(n, names)  # a damaged layer fails now, not after the others' work
         if helper:
             for n, names in plan.items():
                 _send_share(reader, n, names, options)

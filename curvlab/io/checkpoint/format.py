@@ -365,7 +365,7 @@ def _check_name(kind: str, name: object, path: object, step: object) -> None:
 def _check_attr_value(key: str, value: object) -> Any:
     """An extra step attribute as something HDF5 stores exactly: number, string or numeric array.
 
-    Extras are small metadata: strings without NUL characters, numeric arrays up to
+    Extras are small metadata: strings without NUL characters, finite numbers, numeric arrays up to
     :data:`MAX_ATTR_BYTES` (older HDF5 libraries cannot write larger attributes).
     """
     if isinstance(value, str):
@@ -379,9 +379,13 @@ def _check_attr_value(key: str, value: object) -> Any:
             raise CheckpointError(f"step attribute {key!r} = {value} does not fit in int64")
         return np.int64(value)
     if isinstance(value, (float, np.floating)):
+        if not np.isfinite(value):
+            raise CheckpointError(f"step attribute {key!r} = {value} is not finite")
         return value
     if isinstance(value, (list, tuple, np.ndarray)):
         arr = np.asarray(value)
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise CheckpointError(f"step attribute {key!r} holds non-finite values (NaN or inf)")
         if arr.dtype.kind in "biuf" and arr.ndim == 0:
             return arr[()]
         if arr.dtype.kind in "biuf" and arr.nbytes > MAX_ATTR_BYTES:

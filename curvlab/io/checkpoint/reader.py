@@ -318,6 +318,22 @@ class CheckpointReader:
             return "dense"
         return "diagonal" if isinstance(ds, h5py.Dataset) and ds.ndim == 1 else "dense"
 
+    def check_layers(self, step: int, layers: Iterable[str]) -> None:
+        """Check what can be checked of the layers without reading their values: metadata, the
+        factors' links, dtypes, shapes, storage and sizes (:func:`curvlab.io.hdf5.check_storage`).
+        A command calls this before its work, so that a file damaged anywhere in what it will read
+        fails at once, not after the first layers' work; the values are validated when read."""
+        for layer in layers:
+            lg = self._layer_group(step, layer)
+            try:
+                with _h5_errors():
+                    module_type, weight_shape, has_bias, sizes = _read_meta(lg)
+                    meta = _layer_meta_text(module_type, weight_shape, has_bias)
+                    for name, size in zip("AS", sizes, strict=True):
+                        _factor_dataset(lg, name, size, meta, self._budget)
+            except CheckpointError as exc:
+                raise _error(str(exc), self.path, step, layer) from None
+
     def read_factors(self, step: int, layer: str) -> LayerFactors:
         """One layer's factors, read and validated (see :func:`validate_layer`)."""
         lg = self._layer_group(step, layer)
@@ -455,7 +471,8 @@ def _read_meta(lg: h5py.Group) -> tuple[str, tuple[int, ...], bool, tuple[int, i
     return module_type, _check_weight_shape(module_type, raw_shape), has_bias, sizes
 
 
-def _read_factor(lg: h5py.Group, name: str, size: int, meta: str, budget: ReadBudget) -> np.ndarray:
+def _factor_dataset(lg: h5py.Group, name: str, size: int, meta: str, budget: ReadBudget) -> h5py.Dataset:
+    """Factor ``name``'s dataset, its dtype, shape and storage checked (no value read)."""
     ds = hdf5.member(lg, name, CheckpointError)
     if ds is None:
         raise CheckpointError(f"missing factor {name}")
@@ -463,6 +480,12 @@ def _read_factor(lg: h5py.Group, name: str, size: int, meta: str, budget: ReadBu
         raise CheckpointError(f"{name} is not a dataset")
     _check_dtype(name, ds.dtype)
     _check_shape(name, tuple(ds.shape or ()), size, meta)
+    hdf5.check_storage(ds, name, budget, CheckpointError)
+    return ds
+
+
+def _read_factor(lg: h5py.Group, name: str, size: int, meta: str, budget: ReadBudget) -> np.ndarray:
+    ds = _factor_dataset(lg, name, size, meta, budget)
     arr = hdf5.read_array(ds, name, budget, CheckpointError)
     _check_values(name, arr)
     return arr
