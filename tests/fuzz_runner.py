@@ -74,7 +74,9 @@ def _vm_bytes() -> int:
 
 
 def _rss_kib() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """This process's resident memory now (not its peak), in KiB: what a forked child starts with."""
+    with open("/proc/self/statm", encoding="ascii") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 def _run_child(curvlab_main, request: dict) -> dict:
