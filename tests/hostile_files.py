@@ -350,6 +350,13 @@ CRAFTED: dict[str, tuple[str, str, Builder]] = {
     "attr_array_extra": ("attributes", "accept", _set_step_attr("decays", np.array([0.5, 0.25]))),
     "attr_int_array_extra": ("attributes", "accept", _set_step_attr("sizes", np.arange(6).reshape(2, 3))),
     "attr_bytes_extra": ("attributes", "accept", _set_step_attr("note", np.bytes_(b"fixed bytes"))),
+    "attr_complex_extra": ("attributes", "refuse", _set_step_attr("z", np.complex128(1 + 2j))),
+    "attr_compound_extra": (
+        "attributes",
+        "refuse",
+        _set_step_attr("pair", np.zeros(2, dtype=[("a", "f8"), ("b", "i4")])),
+    ),
+    "attr_string_array_extra": ("attributes", "accept", _set_step_attr("names", ["fc", "conv1"])),
     "attr_big_extra": ("attributes", "refuse", _set_step_attr("big", np.zeros(300_000))),
     "attr_empty_fisher": ("attributes", "refuse", _set_step_attr("fisher_type", "")),
     "attr_int_fisher": ("attributes", "refuse", _set_step_attr("fisher_type", 3)),

@@ -115,14 +115,21 @@ def _attr_bool(attrs: h5py.AttributeManager, key: str) -> bool:
 
 
 def _extra_value(key: str, value: object) -> Any:
-    """An extra step attribute: a number, string or numeric array; numbers must be finite."""
+    """An extra step attribute: a number, string or array of numbers or strings; numbers finite."""
     if isinstance(value, np.ndarray) and value.size != 1:
-        if value.dtype.kind in "fc" and not np.isfinite(value).all():
+        strings = value.dtype.kind == "O" and all(isinstance(v, (str, bytes)) for v in value.flat)
+        if value.dtype.kind not in "biufS" and not strings:
+            raise CheckpointError(
+                f"step attribute {key} is an array of {value.dtype} (numbers or strings only)"
+            )
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
             raise CheckpointError(f"step attribute {key} holds non-finite values (NaN or inf)")
         return value
     value = _scalar(value)
     if isinstance(value, float) and not np.isfinite(value):
         raise CheckpointError(f"step attribute {key} is {value} (not finite)")
+    if not isinstance(value, (bool, int, float, str, bytes)):
+        raise CheckpointError(f"step attribute {key} is a {type(value).__name__} (numbers or strings only)")
     return value
 
 
