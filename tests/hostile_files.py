@@ -45,7 +45,7 @@ def real_checkpoint(path: Path, model: str = "mlp", examples: int = 24, steps: i
     from curvlab.models import build_model, data_options, model_config
 
     args: dict = (
-        {"d_model": 16, "n_heads": 2, "d_ff": 32, "vocab": 64, "seq_len": 8}
+        {"d_model": 16, "heads": 2, "d_ff": 32, "vocab": 64, "seq_len": 8}
         if model.startswith("transformer")
         else {}
     )
