@@ -110,6 +110,16 @@ def test_huge_declared_shapes_are_one_line(corpus, capsys, tmp_path, command):
     assert not list(tmp_path.iterdir())
 
 
+def test_decompression_bombs_and_amplifying_hard_links_are_refused(corpus, capsys):
+    one_line_error(
+        *run(["info", corpus["crafted"]("storage_gzip_bomb")], capsys)[::2],
+        "A declares 134 MB but stores",
+        "more than 128x expansion",
+    )
+    path = corpus["crafted"]("storage_hardlinked_300")  # 300 steps share one factors group
+    one_line_error(*run(["info", path], capsys)[::2], "more than 128x the file's size")
+
+
 def test_damaged_global_heap_is_refused_instead_of_hanging(corpus, capsys):
     for name in ("heap_zero_free_space", "heap_size_over_zeros"):
         start = time.monotonic()
