@@ -405,9 +405,12 @@ def test_weight_shape_beyond_int64_is_one_line(corpus, capsys):
     )
 
 
-def test_recorded_data_of_the_wrong_type_is_one_line(corpus, capsys, tmp_path):
-    status, _, err = run(["gradcov", corpus["crafted"]("config_data_int"), "-o", tmp_path / "g.h5"], capsys)
-    one_line_error(status, err, "/model config: data is 5, not a data source")
+def test_recorded_data_of_the_wrong_type_is_not_a_traceback(corpus, capsys, tmp_path):
+    # "data": 5 is no data source: the command falls back to the embedded default the model fits
+    status, out, err = run(["gradcov", corpus["crafted"]("config_data_int"), "-o", tmp_path / "g.h5",
+                            "--examples", "16", "--directions", "0", "--quiet", "--json"], capsys)
+    assert status == 0 and "Traceback" not in err, err
+    assert json.loads(out)["data"] == "digits"
 
 
 def test_data_that_does_not_fit_the_model_is_one_line(corpus, capsys, tmp_path):
