@@ -283,6 +283,9 @@ def test_recorded_data_paths_are_used_only_when_named(corpus, capsys, tmp_path):
     assert status == 0, err
     status, _, err = run(["factors", "--weights", path, "-o", tmp_path / "f.h5", "--quiet"], capsys)
     one_line_error(status, err, "records the data")
+    status, _, err = run(["compare", path, "-o", tmp_path / "c.json"], capsys)
+    one_line_error(status, err, "records the data")
+    assert secret.stat().st_atime_ns == before and not list(tmp_path.glob("[cf].*"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -457,7 +460,7 @@ def test_train_run_folder_that_is_a_file_is_one_line(capsys, tmp_path):
     one_line_error(status, err, "run: not a folder")
 
 
-@pytest.mark.parametrize("command", ["spectrum", "gradcov", "fit"])
+@pytest.mark.parametrize("command", ["spectrum", "gradcov", "fit", "compare"])
 def test_unsupported_plot_format_is_refused_before_any_output(corpus, capsys, tmp_path, command):
     out = {"fit": []}.get(command, ["-o", tmp_path / "out.h5"])
     status, _, err = run([command, corpus["src"], *out, "--plot", tmp_path / "p.xyz", "--quiet"], capsys)
