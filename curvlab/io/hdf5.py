@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 import struct
 from typing import Any
 
@@ -68,7 +69,7 @@ def open_file(path: str, error: type[CurvlabError]) -> tuple[h5py.File, ReadBudg
             reason = f"truncated ({reason})"
         raise error(f"{path}: not a readable HDF5 file: {reason}") from None
     try:
-        check_global_heaps(path, size)
+        _check_heaps_once(path, size)
     except HeapError as exc:
         f.close()
         raise error(f"{path}: {exc}") from None
@@ -76,6 +77,19 @@ def open_file(path: str, error: type[CurvlabError]) -> tuple[h5py.File, ReadBudg
         f.close()
         raise
     return f, ReadBudget(path, size)
+
+
+#: Files whose heaps were found sound in this process, by identity (device, inode, size, mtime): a
+#: command opens its checkpoint several times and need not scan it each time.
+_SOUND_FILES: set[tuple[int, int, int, int]] = set()
+
+
+def _check_heaps_once(path: str, size: int) -> None:
+    info = os.stat(path)
+    key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+    if key not in _SOUND_FILES:
+        check_global_heaps(path, size)
+        _SOUND_FILES.add(key)
 
 
 def _sizes_of_lengths(data: mmap.mmap | bytes) -> int | None:
