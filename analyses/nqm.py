@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import sys
 
-from analyses.config import FIGURES, SETTINGS, run_curvlab
+from analyses.config import FIGURES, SETTINGS, run_curvlab, timed
 
 
 def main(number: str) -> None:
     extra = SETTINGS.get("nqm_args", [])
-    run_curvlab("nqm", "figure", number, "--out", str(FIGURES), "--mode", SETTINGS["nqm_mode"], *extra)
+    with timed(f"nqm {number}"):
+        run_curvlab("nqm", "figure", number, "--out", str(FIGURES), "--mode", SETTINGS["nqm_mode"], *extra)
 
 
 if __name__ == "__main__":

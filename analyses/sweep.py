@@ -24,6 +24,7 @@ import sys
 from typing import Any
 
 from analyses.config import DATA_DIR, DEVICE, FIGURES, SETTINGS, run_curvlab
+from analyses.registry import Verdict, figure
 
 
 def sweep_dir(name: str):
@@ -107,26 +108,39 @@ def judge(results: dict[str, Any]) -> dict[str, Any]:
     return claims
 
 
-def page_entry(name: str) -> dict[str, Any]:
-    """What ``analyses.index`` shows for ``sweep_NAME``: the claims, the numbers and the verdict."""
-    path = FIGURES / f"sweep_{name}.json"
-    if not path.exists():
-        return {}
-    from curvlab.sweep.results import load_results, summary
-
-    results = load_results(path)
-    claims = judge(results)
+def _page_verdict(data: dict[str, Any]) -> Verdict:
+    """The figures page's verdict on ``sweep_mlp`` (:mod:`analyses.registry`): all four claims held."""
+    claims = judge(data)
     verdicts = [c["held"] for c in claims.values()]
-    return {
-        "claim": "Steps to a target fall as 1/B at small batch sizes (perfect scaling), then with "
-        "diminishing returns beyond a critical batch size; preconditioning (K-FAC, Adam) extends perfect "
-        "scaling to larger batch sizes than SGD; momentum helps only at large batch sizes.",
-        "criterion": "; ".join(f"({i + 1}) {c['criterion']}" for i, c in enumerate(claims.values()))
-        + " — held when all four hold",
-        "measured": {"claims": claims, "summary": summary(results),
-                     "verdicts": {k: c["held"] for k, c in claims.items()}},
-        "held": None if None in verdicts else all(verdicts),
-    }
+    held = None if None in verdicts else all(verdicts)
+    failed = [k for k, c in claims.items() if c["held"] is False]
+    unknown = [k for k, c in claims.items() if c["held"] is None]
+    if held:
+        why = "all four claims held on the measured steps-to-target curves"
+    elif failed:
+        why = f"did not hold: {', '.join(failed)}"
+        if unknown:
+            why += f"; not measurable: {', '.join(unknown)}"
+    else:
+        why = f"not measurable: {', '.join(unknown)} (a batch size or optimizer never reached the target)"
+    numbers = {k: c["held"] for k, c in claims.items()}
+    for k, c in claims.items():
+        for key in ("slopes", "b_crit", "ratio"):
+            if key in c:
+                numbers[f"{k}: {key}"] = c[key]
+    return Verdict(held, why, numbers)
+
+
+figure(
+    "sweep_mlp", "Steps to target vs batch size, mlp on digits (curvlab sweep)",
+    claim="Steps to a target fall as 1/B at small batch sizes (perfect scaling), then with diminishing "
+    "returns beyond a critical batch size; preconditioning (K-FAC, Adam) extends perfect scaling to larger "
+    "batch sizes than SGD; momentum helps only at large batch sizes.",
+    criterion="(1) slope between the two smallest batch sizes within 0.3 of -1, every optimizer; (2) slope "
+    "between the two largest batch sizes at least 0.3 shallower than between the two smallest, every "
+    "optimizer; (3) fitted B_crit of kfac and of adam both above sgd's; (4) momentum/sgd steps within "
+    "0.7-1.3 at the smallest batch size and at most 0.8 at the largest — held when all four hold",
+)(_page_verdict)
 
 
 if __name__ == "__main__":

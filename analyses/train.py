@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from analyses.config import DATA_DIR, DEVICE, SETTINGS, run_curvlab
+from analyses.config import DATA_DIR, DEVICE, SETTINGS, run_curvlab, timed
 
 MODELS = {"resnet8": "resnet8", "transformer": "transformer_shallow"}
 
@@ -24,13 +24,18 @@ def main(name: str) -> None:
     argv = [
         "train", "--model", MODELS[name], "--data", s["data"], "--optimizer", "kfac",
         "--steps", str(s["steps"]), "--batch-size", str(s["batch_size"]), "--lr", str(s["lr"]),
-        "--save-steps", s["save_steps"], "--device", DEVICE, "-o", str(out),
+        "--save-steps", s["save_steps"], "--device", DEVICE, "-o", str(out), *s.get("kfac_args", []),
     ]
+    if s.get("augment"):
+        argv += ["--augment", s["augment"]]
+    if s.get("examples"):
+        argv += ["--examples", str(s["examples"])]
     for item in s["model_args"]:
         argv += ["--model-arg", item]
     if (out / "ckpt.h5").exists():
         argv.append("--resume")
-    run_curvlab(*argv)
+    with timed(f"train {name}"):
+        run_curvlab(*argv)
 
 
 if __name__ == "__main__":

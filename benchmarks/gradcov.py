@@ -57,7 +57,7 @@ def _setup(name: str):
     model = build_model(name, setting["shape"], 10, setting["args"]).eval()
     factors = collect_factors(model, [(x[:256], y[:256])], fisher="exact")
     bases = {k: LayerBasis.from_factors(f.S, f.A) for k, f in factors.items()}
-    bases32 = {k: LayerBasis(*(t.float() for t in vars(b).values())) for k, b in bases.items()}
+    bases32 = {k: b.to(dtype=torch.float32) for k, b in bases.items()}
     return model, x, y, bases, bases32
 
 

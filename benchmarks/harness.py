@@ -33,6 +33,26 @@ def timeit(fn: Callable[[], object], *, repeat: int = 3, warmup: int = 1) -> dic
     return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
 
 
+def timeit_interleaved(
+    fns: dict[str, Callable[[], object]], *, repeat: int = 5, warmup: int = 1
+) -> dict[str, dict[str, Any]]:
+    """:func:`timeit` of several functions with their runs interleaved (a, b, c, a, b, c, ...): on a
+    machine shared with other jobs, a burst of load then slows every contestant alike, so the ratios of
+    the medians stay fair."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {
+        name: {"median_s": statistics.median(t), "min_s": min(t), "times_s": t} for name, t in times.items()
+    }
+
+
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
     return {

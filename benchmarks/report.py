@@ -28,6 +28,18 @@ def factor_capture(d: dict) -> str:
     )
 
 
+def factor_capture_attention(d: dict) -> str:
+    t = {k: v["median_s"] for k, v in d["timings"].items()}
+    c = d["coverage"]
+    return (
+        "| factor capture: Transformer with nn.MultiheadAttention + LayerNorm + tied head, 256 × 64 tokens, "
+        f"batch 32, MC Fisher | curvlab {t['curvlab']:.2f} s = **{d['ratios']['curvlab_over_floor']:.2f}×** "
+        f"the floor (gradient pass {t['gradient_pass']:.2f} s + covariance products "
+        f"{t['covariance_products']:.2f} s); coverage {c['covered_parameters']:,} of "
+        f"{c['total_parameters']:,} parameters | no peer timed |"
+    )
+
+
 def spectrum(d: dict) -> str:
     parts = []
     for name, case in d["cases"].items():
@@ -124,6 +136,7 @@ def operators(d: dict) -> str:
 
 ROWS = {
     "factor_capture": factor_capture,
+    "factor_capture_attention": factor_capture_attention,
     "spectrum": spectrum,
     "gradcov": gradcov,
     "nqm_sweep": nqm_sweep,

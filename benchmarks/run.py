@@ -6,12 +6,15 @@ import sys
 
 from benchmarks import distributed, factor_capture, gradcov, nqm_sweep, operators, spectrum, sweep, train_step
 
-BENCHMARKS = [factor_capture, spectrum, gradcov, nqm_sweep, train_step, distributed, sweep, operators]
+BENCHMARKS = [
+    factor_capture.run, factor_capture.run_attention, spectrum.run, gradcov.run, nqm_sweep.run,
+    train_step.run, distributed.run, sweep.run, operators.run,
+]
 
 
 def main() -> int:
     for bench in BENCHMARKS:
-        summary = bench.run()
+        summary = bench()
         print(summary)
     return 0
 

@@ -24,6 +24,11 @@ class ModelError(CurvlabError):
     """An unknown model name or a bad ``--model-arg``."""
 
 
+class LayerError(CurvlabError):
+    """A model whose layers factor capture cannot handle as asked: batch norm in training mode (its
+    batch statistics couple the examples), no layer with factors at all, or ``--strict`` coverage."""
+
+
 def where(path: object = None, step: object = None, layer: object = None) -> str:
     """The ``file: step S: layer L:`` prefix of an error message (parts that are None are left out)."""
     parts = []

@@ -171,6 +171,9 @@ def write_plain(path: Path, steps=(0, 200), complete=(True, True)) -> None:
         ("Embedding", (1000, 32), False, (1000, 32)),
         ("TiedEmbedding", (1000, 32), False, (32, 1000)),
         ("TiedEmbedding", (1000, 32), True, (33, 1000)),
+        ("Conv1d", (16, 3, 5), True, (16, 16)),
+        ("Conv3d", (16, 3, 5, 4, 2), False, (120, 16)),
+        ("NormAffine", (4, 6), True, (24, 1)),
     ],
 )
 def test_expected_factor_sizes(module_type, shape, bias, sizes):
@@ -180,7 +183,8 @@ def test_expected_factor_sizes(module_type, shape, bias, sizes):
 @pytest.mark.parametrize(
     ("module_type", "shape", "bias", "problem"),
     [
-        ("Conv3d", (2, 2), False, "unknown module_type"),
+        ("Conv4d", (2, 2), False, "unknown module_type"),
+        ("Conv3d", (2, 2), False, "needs 5 entries"),
         ("Linear", (2, 2, 1), False, "needs 2 entries"),
         ("Conv2d", (2, 2), False, "needs 4 entries"),
         ("Linear", (0, 2), False, "entries must be >= 1"),
@@ -204,7 +208,7 @@ def test_round_trip_all_features(tmp_path):
 
     loaded = ck.load(path)
     assert isinstance(loaded, Checkpoint)
-    assert loaded.path == str(path) and loaded.format_version == 1
+    assert loaded.path == str(path) and loaded.format_version == ck.FORMAT_VERSION == 2
     assert loaded.model_name == "tiny"
     assert loaded.model_config == {"width": 3, "nested": {"a": [1, 2]}}
     assert list(loaded.steps) == [0, 50, 200]
@@ -266,7 +270,7 @@ def test_reader_api(tmp_path):
     step = make_step(300)
     ck.save(path, [step, make_step(5, weights=False)], model_name="tiny")
     with CheckpointReader(path) as reader:
-        assert reader.path == str(path) and reader.format_version == 1
+        assert reader.path == str(path) and reader.format_version == 2
         assert (reader.model_name, reader.model_config) == ("tiny", None)
         assert reader.step_numbers() == [5, 300] and reader.incomplete_steps() == []
         attrs = reader.step_attrs(300)
@@ -434,7 +438,7 @@ DEFECTS = [
     ("no_format", _del(ROOT, "format"), "format is missing", None, None),
     ("wrong_format", _set(ROOT, "format", "other.tool"), "format is 'other.tool'", None, None),
     ("no_version", _del(ROOT, "format_version"), "missing attribute format_version", None, None),
-    ("newer_version", _set(ROOT, "format_version", 2), "written by a newer curvlab", None, None),
+    ("newer_version", _set(ROOT, "format_version", 3), "written by a newer curvlab", None, None),
     ("version_zero", _set(ROOT, "format_version", 0), "format_version 0 is not valid", None, None),
     ("version_str", _set(ROOT, "format_version", "1"), "not an integer", None, None),
     ("no_steps", _delete("steps"), "missing /steps group", None, None),
@@ -459,7 +463,8 @@ DEFECTS = [
     ("no_S", _delete(f"{FC}/S"), "missing factor S", S200, "fc"),
     ("A_is_group", _a_is_group, "A is not a dataset", S200, "fc"),
     ("no_module_type", _del(FC, "module_type"), "missing attribute module_type", S200, "fc"),
-    ("bad_module_type", _set(FC, "module_type", "Conv3d"), "unknown module_type", S200, "fc"),
+    ("bad_module_type", _set(FC, "module_type", "Conv4d"), "unknown module_type", S200, "fc"),
+    ("v2_type_in_v1", _set(FC, "module_type", "Conv1d"), "needs format_version 2", S200, "fc"),
     ("no_weight_shape", _del(FC, "weight_shape"), "missing attribute weight_shape", S200, "fc"),
     ("weight_shape_rank", _set(FC, "weight_shape", [3, 4, 1]), "needs 2 entries", S200, "fc"),
     ("weight_shape_zero", _set(FC, "weight_shape", [0, 4]), "entries must be >= 1", S200, "fc"),
@@ -831,11 +836,18 @@ def test_append_to_something_else_fails_cleanly(tmp_path):
 @st.composite
 def layer_factors(draw) -> LayerFactors:
     module_type = draw(st.sampled_from(MODULE_TYPES))
-    dims = draw(st.lists(st.integers(1, 4), min_size=4, max_size=4))
-    shape = tuple(dims) if module_type == "Conv2d" else tuple(dims[:2])
+    dims = draw(st.lists(st.integers(1, 4), min_size=5, max_size=5))
+    rank = {"Conv1d": 3, "Conv2d": 4, "Conv3d": 5, "NormAffine": draw(st.integers(1, 3))}.get(module_type, 2)
+    shape = tuple(dims[:rank])
     has_bias = module_type != "Embedding" and draw(st.booleans())
     size_a, size_s = ck.expected_factor_sizes(module_type, shape, has_bias)
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    if module_type == "NormAffine":  # exact per-channel blocks (C, k, k) and S = [1]
+        k = 2 if has_bias else 1
+        x = rng.standard_normal((size_a, k + 1, k))
+        blocks = (x.transpose(0, 2, 1) @ x).astype(draw(st.sampled_from([F32, F64])))
+        blocks = (blocks + blocks.transpose(0, 2, 1)) / 2
+        return LayerFactors(module_type, shape, has_bias, blocks, np.ones(1))
 
     def factor(n: int) -> np.ndarray:
         dtype = draw(st.sampled_from([F32, F64]))

@@ -34,7 +34,7 @@ def test_factors_then_info_json(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     assert main(["info", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["format_version"] == 1
+    assert info["format_version"] == 2
     (step,) = info["steps"]
     assert step["step"] == 0 and step["complete"] is True
     assert step["fisher_type"] == "exact" and step["num_examples"] == 64

@@ -72,7 +72,7 @@ def test_info_does_not_import_torch(tmp_path):
     report, out = _curvlab("info", str(path))
     assert report == {"torch": False, "code": 0}
     assert "fc" in out.stdout and "Linear" in out.stdout
-    assert f"{path}: curvlab.kfac v1" in out.stdout  # the format's name, not a module path
+    assert f"{path}: curvlab.kfac v2" in out.stdout  # the format's name, not a module path
     report, out = _curvlab("info", str(path), "--json", "--step", "5")
     assert report == {"torch": False, "code": 0}
     assert [s["step"] for s in json.loads(out.stdout.splitlines()[0])["steps"]] == [5]

@@ -73,23 +73,33 @@ def test_the_file_holds_the_gradcov_curvature_in_its_basis(files):
     ckpt, ek, gradcov = files
     record = read_ekfac(str(ek))
     assert record.fisher_type == "exact" and record.num_examples == 12
+    bases = bases_from_checkpoint(str(ckpt), record.step)
+    norms = [n for n, layer in record.layers.items() if layer.module_type == "NormAffine"]
+    assert norms  # the LayerNorms' (γ, β): blocks A, eigenvectors (C, 2, 2), columns sorted by A_order
     with h5py.File(gradcov) as g:
         for name, layer in record.layers.items():
-            np.testing.assert_array_equal(
-                layer.eigenvalues, np.clip(g[f"layers/{name}/curvature"][()], 0, None)
-            )
+            curvature = np.clip(g[f"layers/{name}/curvature"][()], 0, None)
+            if name in norms:  # gradcov's columns are in block order c·k + j
+                assert layer.A_eigenvectors.shape == (8, 2, 2) and np.all(np.diff(layer.A_eigenvalues) >= 0)
+                sorted_a = bases[name].eigenvalues_A.numpy()[layer.A_order]
+                np.testing.assert_array_equal(layer.A_eigenvalues, sorted_a)
+                curvature = curvature[:, layer.A_order]
+            np.testing.assert_array_equal(layer.eigenvalues, curvature)
     tied = [n for n, layer in record.layers.items() if layer.module_type == "TiedEmbedding"]
     assert (
         tied and record.layers[tied[0]].S_order is not None
     )  # a diagonal factor's basis stays a permutation
     op = EKFACOperator.from_file(ek)
-    bases = bases_from_checkpoint(str(ckpt), record.step)
     gen = torch.Generator().manual_seed(0)
     for name, basis in bases.items():
         block = op.layout.index[name]
         V = torch.randn(block.m, block.n, generator=gen, dtype=torch.float64)
         lam = torch.as_tensor(record.layers[name].eigenvalues)
-        expected = basis.Q_S @ ((basis.Q_S.T @ V @ basis.Q_A) * lam) @ basis.Q_A.T
+        # gradcov's basis as dense matrices, its columns in the file's order
+        Q_A = torch.stack([basis.A_column(j) for j in range(block.n)], dim=1)
+        if name in norms:
+            Q_A = Q_A[:, record.layers[name].A_order]
+        expected = basis.Q_S @ ((basis.Q_S.T @ V @ Q_A) * lam) @ Q_A.T
         zeros = {b.name: torch.zeros(b.m, b.n, dtype=torch.float64) for b in op.layout.blocks}
         got = op.matvec({**zeros, name: V})[name]
         assert float((got - expected).abs().max()) <= 1e-12 * float(expected.abs().max())
@@ -125,3 +135,31 @@ def test_hostile_ekfac_files_fail_in_one_line(files, tmp_path, capsys):
     assert main(["fit", str(bad), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("curvlab: error:") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("defect", ["version_1", "order", "blocks_shape"])
+def test_hostile_blocks_entries_fail_in_one_line(files, tmp_path, defect):
+    """A NormAffine entry's blocks basis: only in version 2, its order a permutation, its eigenvectors
+    ``(C, k, k)`` — each checked before its data is used."""
+    _, ek, _ = files
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(ek.read_bytes())
+    with h5py.File(bad, "r+") as f:
+        layers = next(iter(f["steps"].values()))["layers"]
+        name = next(n for n in layers if layers[n].attrs["module_type"] == "NormAffine")
+        h = layers[name]
+        if defect == "version_1":
+            f.attrs["format_version"] = np.int64(1)
+            match = f"layer {name}: module_type NormAffine needs format_version 2"
+        elif defect == "order":
+            order = h["A_order"][()]
+            order[0] = order[1]
+            h["A_order"][...] = order
+            match = f"layer {name}: A_order is not a permutation"
+        else:
+            del h["A_eigenvectors"]
+            h["A_eigenvectors"] = np.eye(16)
+            match = f"layer {name}: A_eigenvectors has shape \\(16, 16\\)"
+    with pytest.raises(CheckpointError, match=match) as err:
+        read_ekfac(str(bad))
+    assert "\n" not in str(err.value)

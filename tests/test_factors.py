@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
+from curvlab.capture.coverage import measure, plan_layers
 from curvlab.capture.factors import collect_factors, select_layers
 from curvlab.capture.loss import loss_hessian
 
@@ -302,10 +303,12 @@ def test_layer_selection_globs_and_unsupported_layers():
     model = nn.Sequential(
         nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2), nn.Linear(2, 2)
     )
-    with pytest.warns(UserWarning, match="groups=2"):
-        selected = select_layers(model)
+    selected = select_layers(model)
     assert list(selected) == ["2", "3"]
-    assert list(select_layers(model, ["3"])) == ["3"]  # the grouped conv is not asked for: no warning
+    coverage = measure(model, plan_layers(model), set(selected))
+    assert [s["name"] for s in coverage.skipped] == ["0.weight", "0.bias"]
+    assert all("groups=2" in s["reason"] for s in coverage.skipped)
+    assert list(select_layers(model, ["3"])) == ["3"]
     with pytest.raises(ValueError, match="matches no"):
         select_layers(model, ["nothing*"])
 

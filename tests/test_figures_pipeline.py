@@ -52,10 +52,15 @@ def test_summary_holds_measured_numbers(figures):
     for name in FIGURES:
         entry = summary["figures"][name]
         assert entry["produced"] is True, name
-        assert entry["claim"] and entry["criterion"] and "held" in entry, name
-    assert summary["figures"]["fig10a"]["measured"]["spearman"] is not None
-    assert summary["figures"]["fig12"]["measured"]["exponent"] > 0
-    assert set(summary["figures"]["fig13"]["measured"]["critical_batch_size_by_threshold"])
+        assert entry["claim"] and entry["criterion"] and entry["why"], name
+        assert entry["verdict"] in ("held", "did not hold", "not judged"), name
+        assert entry["verdict"] == {True: "held", False: "did not hold", None: "not judged"}[entry["held"]]
+    assert summary["figures"]["fig10a"]["measured"]["Spearman"] is not None
+    assert summary["figures"]["fig12"]["measured"]["exponent ŝ"] > 0
+    assert any(k.startswith("critical batch size") for k in summary["figures"]["fig13"]["measured"])
+    runs = summary["introduction"]["runs"]
+    assert runs["resnet8"]["augment"] == ["crop"] and runs["resnet8"]["steps"] == 3
+    assert summary["introduction"]["wall time of each part (s)"]
 
 
 class _Images(html.parser.HTMLParser):
@@ -68,10 +73,21 @@ class _Images(html.parser.HTMLParser):
             self.sources.append(dict(attrs)["src"])
 
 
+def _images(figures: Path) -> list[str]:
+    summary = json.loads((figures / "summary.json").read_text())
+    return [img for entry in summary["figures"].values() for img in entry["images"]]
+
+
 def test_index_references_every_figure(figures):
     parser = _Images()
-    parser.feed((figures / "index.html").read_text())
-    assert sorted(parser.sources) == sorted(f"{name}.png" for name in FIGURES)
+    page = (figures / "index.html").read_text()
+    parser.feed(page)
+    assert sorted(parser.sources) == sorted(_images(figures))
+    assert set(f"{name}.png" for name in FIGURES) <= set(parser.sources)
+    assert "<h2>Verdicts</h2>" in page  # the summary table opens the page
+    for verdict in ("held", "did not hold", "not judged"):
+        page = page.replace(verdict, "")
+    assert '{"' not in page  # no raw JSON on the page
 
 
 def _chromium() -> str | None:
@@ -111,7 +127,7 @@ def test_index_images_load_in_headless_chromium(figures, tmp_path):
     )
     start = run.stdout.index('<pre id="out">') + len('<pre id="out">')
     loaded = json.loads(run.stdout[start : run.stdout.index("</pre>", start)])
-    assert len(loaded) == len(FIGURES)
+    assert len(loaded) == len(_images(figures))
     for src, complete, width in loaded:
         assert complete and width > 200, src
     shot = tmp_path / "index.png"

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from curvlab.capture import conv as conv_math
 from curvlab.capture import layers
 from curvlab.capture.layers import Conv2dAdapter, LinearAdapter, adapter_for, augment, second_moment
 
@@ -50,7 +51,7 @@ def test_conv_second_moment_equals_augmented_outer_products(kwargs, monkeypatch)
     expected = torch.einsum("bti,btj->ij", a, a)
     torch.testing.assert_close(adapter.input_second_moment(conv, x), expected, rtol=1e-12, atol=1e-12)
     # chunks of one example give the same sums
-    monkeypatch.setattr(layers, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(conv_math, "CHUNK_BYTES", 1)
     torch.testing.assert_close(adapter.input_second_moment(conv, x), expected, rtol=1e-12, atol=1e-12)
 
 

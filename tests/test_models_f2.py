@@ -514,7 +514,10 @@ def test_factor_capture_sees_the_weight_layers(name: str) -> None:
     if name == "transformer_shallow":
         expected.discard("pre_softmax")  # the tied weight: the K-FAC engineer's TiedEmbedding entry
     assert expected <= set(factors)
-    assert not any("norm" in n or ".bn" in n for n in factors)
+    # normalisation layers (eval mode) get their exact per-channel blocks; nothing is left out
+    norms = {n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm | nn.BatchNorm2d)}
+    assert norms <= set(factors) and all(factors[n].module_type == "NormAffine" for n in norms)
+    assert factors.coverage.complete
     for layer in expected:
         module = model.get_submodule(layer)
         assert tuple(factors[layer].weight_shape) == tuple(module.weight.shape)

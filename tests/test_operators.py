@@ -46,11 +46,20 @@ def _factors(seed=0):
             _psd(2, gen),
             torch.rand(5, generator=gen, dtype=torch.float64).numpy() + 0.1,
         ),
+        # a normalisation layer's (γ, β): 3 channel blocks of 2 × 2 (A), S = [1]; and one without β
+        "norm": LayerFactors(
+            "NormAffine", (3,), True, np.stack([_psd(2, gen) for _ in range(3)]), np.ones(1)
+        ),
+        "rms": LayerFactors(
+            "NormAffine", (2, 2), False, np.stack([_psd(1, gen) for _ in range(4)]), np.full(1, 0.7)
+        ),
     }
 
 
 def _dense_factor(x):
     x = torch.as_tensor(x, dtype=torch.float64)
+    if x.dim() == 3:  # blocks (C, k, k): the block-diagonal matrix
+        return torch.block_diag(*x)
     return torch.diag(x) if x.dim() == 1 else x
 
 
@@ -67,7 +76,8 @@ def test_matvec_matmat_and_dict_match_the_dense_kronecker_blocks():
     factors = _factors()
     op = KFACOperator(factors)
     dense = _dense(factors)
-    assert op.shape == dense.shape == (16 + 18 + 10, 16 + 18 + 10)
+    assert op.shape == dense.shape == (16 + 18 + 10 + 6 + 4, 16 + 18 + 10 + 6 + 4)
+    assert op.kinds["norm"] == ("diagonal", "blocks") and op.layout.index["norm"].n == 6
     gen = torch.Generator().manual_seed(1)
     v = torch.randn(op.layout.dim, generator=gen, dtype=torch.float64)
     M = torch.randn(op.layout.dim, 5, generator=gen, dtype=torch.float64)
@@ -99,12 +109,16 @@ def test_exact_and_factored_inverses():
     _close(
         op.inverse(lam) @ M, torch.linalg.solve(dense + lam * torch.eye(len(dense), dtype=torch.float64), M)
     )
-    # factored Tikhonov: (S + √λ/π I) ⊗ (A + π√λ I) with π from the traces, built here independently
+    # factored Tikhonov: (S + √λ/π I) ⊗ (A + π√λ I) with π from the traces, built here independently;
+    # a NormAffine entry's blocks get the optimizer's plain Tikhonov S ⊗ A + λ I (docs/kfac.md)
     blocks = []
+    eye = lambda n: torch.eye(n, dtype=torch.float64)  # noqa: E731
     for f in factors.values():
         S, A = _dense_factor(f.S), _dense_factor(f.A)
+        if f.module_type == "NormAffine":
+            blocks.append(torch.kron(S, A) + lam * eye(len(S) * len(A)))
+            continue
         pi = math.sqrt((A.trace() / len(A)) / (S.trace() / len(S)))
-        eye = lambda n: torch.eye(n, dtype=torch.float64)  # noqa: E731
         blocks.append(
             torch.kron(S + math.sqrt(lam) / pi * eye(len(S)), A + pi * math.sqrt(lam) * eye(len(A)))
         )
@@ -123,12 +137,13 @@ def test_factored_inverse_is_the_optimizers_preconditioner():
     from curvlab.optim.kfac import KFAC
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    model = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 3)).double()
     x, y = torch.randn(32, 5, dtype=torch.float64), torch.randint(0, 3, (32,))
     opt = KFAC(model, lr=0.1, damping=0.05, fisher="exact", kl_clip=None)
     opt.initialize_factors([(x, y)])
     opt.decompose()
     op = KFACOperator(opt.running_factors())
+    assert op.kinds["1"] == ("diagonal", "blocks")
     G = {
         name: torch.randn(op.layout.index[name].m, op.layout.index[name].n, dtype=torch.float64)
         for name in op.layout.index

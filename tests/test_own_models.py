@@ -48,7 +48,12 @@ def test_cnn_through_every_command(tmp_path, capsys):
     made = _json(capsys, ["factors", "--model", CNN, "--model-arg", "width=3", "--examples", "24",
                           "--fisher", "exact", "-o", x, "--json", "--quiet"])
     assert made["model"] == CNN and made["data"] == "digits" and made["num_examples"] == 24
-    assert [layer["name"] for layer in made["layers"]] == ["stem", "block.conv1", "block.conv2", "head"]
+    # the eval-mode BatchNorm's (γ, β) is a NormAffine entry: 3 channel blocks of 2 × 2, S = [1]
+    assert [(layer["name"], layer["module_type"]) for layer in made["layers"]] == [
+        ("stem", "Conv2d"), ("block.conv1", "Conv2d"), ("block.bn1", "NormAffine"), ("block.conv2", "Conv2d"),
+        ("head", "Linear")]
+    assert made["layers"][2]["A_shape"] == [3, 2, 2] and made["layers"][2]["S_shape"] == [1]
+    assert made["coverage"]["covered_parameters"] == made["coverage"]["total_parameters"]
     config = ck.load(x).model_config
     assert config["factory"] == CNN and config["args"] == {"width": 3}
     assert config["factory_file"] == str(HERE / "cnn.py") and config["input_shape"] == [1, 8, 8]
@@ -56,10 +61,11 @@ def test_cnn_through_every_command(tmp_path, capsys):
     info = _json(capsys, ["info", x, "--json"])
     assert info["model"]["name"] == CNN and info["model"]["config"]["factory"] == CNN
     spectrum = _json(capsys, ["spectrum", x, "--json", "--quiet"])
-    assert spectrum["steps"][0]["num_eigenvalues"] == sum(
-        layer["A_shape"][0] * layer["S_shape"][0] for layer in made["layers"])
+    assert spectrum["steps"][0]["num_eigenvalues"] == sum(  # a blocks A (C, k, k) has C·k eigenvalues
+        layer["A_shape"][0] * (layer["A_shape"][1] if len(layer["A_shape"]) == 3 else 1) * layer["S_shape"][0]
+        for layer in made["layers"])
     fitted = _json(capsys, ["fit", x, "--json", "--bootstrap", "0", "--quiet"])
-    assert fitted["num_layers"] == 4 and np.isfinite(fitted["exponent"])
+    assert fitted["num_layers"] == 5 and np.isfinite(fitted["exponent"])
     cov = _json(capsys, ["gradcov", x, "--model", CNN, "--model-arg", "width=3", "--examples", "24", "--json",
                          "--quiet", "--directions", "2"])
     assert cov["curvature_route"] == "exact" and cov["num_examples"] == 24

@@ -20,10 +20,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from curvlab.analysis.curvature import directional_curvature
 from curvlab.analysis.gradcov import LayerBasis, project_gradients
-from curvlab.capture.factors import collect_factors
+from curvlab.capture.factors import CoverageWarning, collect_factors
 from curvlab.capture.loss import BinaryCrossEntropy, CrossEntropy, MeanSquaredError
 from curvlab.capture.task import Task
-from curvlab.errors import DataError, ModelError, OptionError
+from curvlab.errors import DataError, ModelError
 from curvlab.optim.kfac import KFAC
 
 RTOL = 1e-12
@@ -178,25 +178,42 @@ def test_move_reaches_every_tensor_and_casts_only_floats():
     assert moved["b"].ids.dtype == torch.int64 and moved["b"].name == "p"
 
 
-def test_ignored_examples_need_the_batch_first_at_every_layer():
-    """A layer whose input folds the tokens into the first dimension cannot drop one example's rows:
-    said in one line, instead of A built from the wrong rows."""
+def test_ignored_examples_and_a_layer_without_the_batch_first():
+    """A layer whose input folds the tokens into the first dimension has no per-example rows, so it is
+    set aside (the coverage names it and says why) whether or not an example is ignored: the ignored
+    examples can never be left out of the wrong rows. The batch-first layer leaves them out of ``A``
+    and the example count: its factors are those of the counted example alone (exact Fisher, float64:
+    the same sums in the same order, so equal to rounding; 1e-14 relative)."""
 
     class Folding(nn.Module):
         def __init__(self):
             super().__init__()
             self.fc = nn.Linear(3, 4).double()
+            self.fold = nn.Linear(4, 4).double()
 
         def forward(self, x):
-            return self.fc(x.reshape(-1, 3)).reshape(x.shape[0], x.shape[1], 4)
+            h = torch.tanh(self.fc(x))
+            return self.fold(h.reshape(-1, 4)).reshape(x.shape[0], x.shape[1], 4)
 
+    torch.manual_seed(0)
+    model = Folding()
     x = torch.randn(2, 5, 3, dtype=torch.float64)
-    y = torch.zeros(2, 5, dtype=torch.long)
+    y = torch.randint(0, 4, (2, 5))
     task = Task(CrossEntropy(ignore_index=-100))
-    collect_factors(Folding(), [(x, y)], task=task)  # nothing to leave out: fine
-    y[1] = -100
-    with pytest.raises(OptionError, match=r"batch 0: layer fc: its input's first dimension \(10\) is not"):
-        collect_factors(Folding(), [(x, y)], task=task)
+    reason = "fold: called on a tensor whose first dimension (10) is not the batch (2 examples)"
+    for ignored in (False, True):
+        labels = y.clone()
+        if ignored:
+            labels[1] = -100
+        with pytest.warns(CoverageWarning, match="fold.weight"):
+            factors = collect_factors(model, [(x, labels)], fisher="exact", task=task)
+        assert list(factors) == ["fc"] and factors.num_examples == (1 if ignored else 2)
+        skipped = {s["name"]: s["reason"] for s in factors.coverage.skipped}
+        assert set(skipped) == {"fold.weight", "fold.bias"} and skipped["fold.weight"].startswith(reason)
+    alone = collect_factors(model, [(x[:1], y[:1])], fisher="exact", task=task)
+    for which in ("A", "S"):
+        ours, ref = getattr(factors["fc"], which), getattr(alone["fc"], which)
+        np.testing.assert_allclose(ours, ref, rtol=1e-14, atol=1e-14 * np.abs(ref).max())
 
 
 # ------------------------------------------------------------------------------------ K-FAC per loss

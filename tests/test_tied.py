@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from curvlab.capture.coverage import measure, plan_layers
 from curvlab.capture.factors import collect_factors, save_factors, select_layers
 from curvlab.capture.layers import EmbeddingAdapter, TiedEmbeddingAdapter, TiedPair
 from curvlab.io.checkpoint import load
@@ -131,11 +132,13 @@ def test_tied_pair_is_one_entry_named_after_the_linear():
     assert isinstance(entries["head"][0], TiedPair)
 
 
-def test_other_weight_sharing_is_skipped_with_a_warning():
+def test_other_weight_sharing_is_skipped_and_reported():
     shared = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3), nn.Linear(3, 2))
     shared[2].weight = shared[0].weight
-    with pytest.warns(UserWarning, match="share one weight"):
-        assert list(select_layers(shared)) == ["3"]
+    assert list(select_layers(shared)) == ["3"]
+    coverage = measure(shared, plan_layers(shared), {"3"})
+    assert {s["name"] for s in coverage.skipped} == {"0.weight", "0.bias", "2.bias"}
+    assert all("shared by layers 0, 2" in s["reason"] for s in coverage.skipped)
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from curvlab.analysis.ggn import GGNOperator
 from curvlab.analysis.lanczos import SpectralDensity, extreme_eigenpairs, hutchinson, slq
-from curvlab.analysis.operators import EKFACOperator, KFACOperator
+from curvlab.analysis.operators import EKFACOperator, FactorBasis, KFACOperator
 
 
 @dataclass
@@ -217,7 +217,7 @@ def compare_curvatures(
     and models of at most that many exact passes (classes × label locations) per batch;
     ``accuracy``/``failure``: SLQ's ``t`` and ``η``; ``floor``: relative to the GGN's ``λ_max``.
     """
-    from curvlab.analysis.gradcov import LayerBasis, project_gradients
+    from curvlab.analysis.gradcov import project_gradients
 
     def note(what: str) -> None:
         if progress:
@@ -228,13 +228,13 @@ def compare_curvatures(
     kfac = KFACOperator(factors, model=model)
     ggn = GGNOperator(model, batches, layout=kfac.layout)
     note("EKFAC second moments in the KFE")
-    bases = {}
+    bases, columns = {}, {}
     for name, (bs, ba) in kfac.bases().items():
-        qs = bs.q if bs.q is not None else torch.eye(bs.size, dtype=torch.float64)[:, bs.order]
-        qa = ba.q if ba.q is not None else torch.eye(ba.size, dtype=torch.float64)[:, ba.order]
-        bases[name] = LayerBasis(qs, qa, bs.values, ba.values)
+        bases[name], columns[name] = _layer_basis(bs, ba)
     stats = project_gradients(model, batches, bases, curvature=route, mc_samples=mc_samples, seed=seed)
-    ekfac = EKFACOperator.from_kfac(kfac, {name: np.maximum(s.curvature, 0.0) for name, s in stats.items()})
+    ekfac = EKFACOperator.from_kfac(
+        kfac, {name: np.maximum(s.curvature[:, columns[name]], 0.0) for name, s in stats.items()}
+    )
     note(f"GGN top-{top_k} by Lanczos")
     top = extreme_eigenpairs(ggn, top_k, tol=lanczos_tol, seed=seed)
     lam_max = float(top.values[0])
@@ -283,6 +283,26 @@ def compare_curvatures(
     note("dense diagonal blocks")
     summary["layers"] = _layer_errors(model, batches, kfac, ekfac, max_block, max_block_passes)
     return ComparisonResult(summary, k_spec, e_spec, density, top_values)
+
+
+def _layer_basis(bs: FactorBasis, ba: FactorBasis) -> tuple[Any, np.ndarray]:
+    """gradcov's :class:`~curvlab.analysis.basis.LayerBasis` of an operator's basis, and where its
+    directions' columns go: the operator's column ``i`` is the LayerBasis's column ``columns[i]``.
+
+    A diagonal ``S`` stays a permutation; a blocks ``A`` (``NormAffine``) keeps its ``(C, k, k)``
+    eigenvectors, whose columns the LayerBasis takes in block order (``c·k + j``) where the operator
+    sorts them by eigenvalue (``order``)."""
+    from curvlab.analysis.basis import LayerBasis
+
+    columns = np.arange(ba.size)
+    if ba.blocks is not None:
+        q_a, values_a = ba.blocks, ba.values[ba.inverse]
+        columns = ba.order.cpu().numpy()
+    else:
+        q_a, values_a = ba.dense(), ba.values
+    if bs.q is None and bs.blocks is None:
+        return LayerBasis(None, q_a, bs.values, values_a, order_S=bs.order), columns
+    return LayerBasis(bs.dense(), q_a, bs.values, values_a), columns
 
 
 def _layer_errors(

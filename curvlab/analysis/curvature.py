@@ -18,15 +18,21 @@ Where an operation has no forward-mode derivative (PyTorch's fused attention on 
 ``J v`` is taken by the double-backward identity ``J v = ∂/∂w [w ↦ ⟨J^T w, v⟩]`` instead: two
 reverse passes, same numbers.
 
-Directions are weight perturbations of one layer, given as the ``m × n`` matrix of design.md (bias as
-the last column); the layer's adapter (:mod:`curvlab.capture.layers`) turns one into parameter tangents. For a
-tied embedding / pre-softmax weight the layer is the pre-softmax Linear (``W = E``) and the tangent
-moves the one shared Parameter, in both of its uses.
+Directions are weight perturbations of one entry, given as the ``m × n`` matrix of design.md (bias as
+the last column); the entry's adapter (:mod:`curvlab.capture.layers`) turns one into parameter tangents
+(:func:`parameter_tangents`). For a tied embedding / pre-softmax weight the layer is the pre-softmax
+Linear (``W = E``) and the tangent moves the one shared Parameter, in both of its uses; for an
+attention projection it moves the projection's rows of the packed ``in_proj_weight``/``in_proj_bias``
+(the other rows' tangents are zero); for a ``NormAffine`` entry the ``1 × C·k`` matrix is
+``[γ_1, β_1, γ_2, β_2, ...]``. The forward pass goes through the same visible attention forward as
+capture does (so jvp sees the projections PyTorch's fused kernels would hide, and gets the same
+numbers).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -35,6 +41,8 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvlab import distributed
+from curvlab.capture.attention import tap, unsupported
+from curvlab.capture.factors import select_layers
 from curvlab.capture.layers import adapter_for
 from curvlab.capture.task import Task, batch_context, default_task
 
@@ -46,6 +54,24 @@ def split_weight_matrix(module: nn.Module, matrix: Tensor) -> dict[str, Tensor]:
         raise ValueError(f"{type(module).__name__} has no K-FAC adapter")
     weight, bias = adapter.from_matrix(module, matrix)
     return {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+
+
+def parameter_tangents(source: object, adapter: object, matrix: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """``(Parameter, tangent)`` of an entry's Parameters from an ``m × n`` direction matrix: tangents
+    are shaped like the whole Parameter, zero outside the rows the entry uses."""
+    params = adapter.parameters(source)
+    pieces = adapter.from_matrix(source, matrix)
+    out = []
+    for param, rows, piece in zip(params, adapter.rows(source), pieces, strict=True):
+        if param is None:
+            continue
+        if rows is None:
+            tangent = piece.reshape(param.shape)
+        else:
+            tangent = torch.zeros(param.shape, dtype=piece.dtype, device=piece.device)
+            tangent[rows] = piece
+        out.append((param, tangent))
+    return out
 
 
 def quadratic_form_at_logits(logits: Tensor, u: Tensor) -> Tensor:
@@ -83,21 +109,26 @@ def directional_curvature(
     are all-reduced (:mod:`curvlab.distributed`); every process returns the mean over all the data.
     """
     task = default_task(task)
-    module = model.get_submodule(layer)
+    entries = select_layers(model)
+    if layer not in entries:
+        raise ValueError(f"layer {layer} is not a layer of the model with K-FAC factors")
+    source, adapter = entries[layer]
     device = next(model.parameters()).device
-    names = _parameter_names(model, layer, module)
+    name_of = {id(p): name for name, p in model.named_parameters()}
     params = {k: v.detach() for k, v in model.named_parameters()}
-    primals = tuple(params[full] for full in names.values())
-    tangents = [
-        tuple(split_weight_matrix(module, d.to(device=device, dtype=primals[0].dtype))[k] for k in names)
-        for d in directions
+    dtype = adapter.parameters(source)[0].dtype
+    per_direction = [
+        parameter_tangents(source, adapter, d.to(device=device, dtype=dtype)) for d in directions
     ]
+    names = {name_of[id(p)]: name_of[id(p)] for p, _ in per_direction[0]} if per_direction else {}
+    primals = tuple(params[full] for full in names)
+    tangents = [tuple(t for _, t in pairs) for pairs in per_direction]
     totals = torch.zeros(len(directions), dtype=torch.float64, device=device)
     count = 0
     forward_mode = True
     # Fused attention kernels have neither forward-mode nor double-backward derivatives; the math
     # kernel is made of ordinary differentiable operations.
-    with sdpa_kernel(SDPBackend.MATH):
+    with sdpa_kernel(SDPBackend.MATH), _visible_attention(model):
         for k, batch in distributed.my_batches(batches):
             with batch_context(k):
                 inputs, labels = task.split_batch(batch)
@@ -112,19 +143,18 @@ def directional_curvature(
     return totals / int(counts.item())
 
 
-def _parameter_names(model: nn.Module, layer: str, module: nn.Module) -> dict[str, str]:
-    """``weight`` (and ``bias``) of the layer -> the name ``named_parameters`` lists it under.
-
-    A tied weight is listed once, under its first module (``embedding.weight`` for the pre-softmax
-    Linear of a tied language model); ``functional_call`` ties it again (``tie_weights=True``), so
-    the tangent perturbs the one shared Parameter in both of its uses.
-    """
-    name_of = {id(p): name for name, p in model.named_parameters()}
-    return {
-        key: name_of.get(id(getattr(module, key)), f"{layer}.{key}")
-        for key in ("weight", "bias")
-        if getattr(module, key, None) is not None
-    }
+@contextlib.contextmanager
+def _visible_attention(model: nn.Module) -> Iterator[None]:
+    """Every ``nn.MultiheadAttention`` of the model runs its visible forward (as in capture)."""
+    handles = [
+        tap(module, "out", lambda x, out: None) for module in model.modules()
+        if isinstance(module, nn.MultiheadAttention) and unsupported(module) is None
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class _TaskModel(nn.Module):

@@ -86,34 +86,23 @@ class GGNOperator(CurvatureOperator):
         if self.num_examples == 0:
             raise OptionError("the GGN needs at least one example")
         name_of = {id(p): name for name, p in model.named_parameters()}
-        self._names: list[str] = []  # functional_call names of the layout's parameters, in layout order
-        self._counts: list[int] = []
-        for source, adapter in layout.sources().values():
-            weight, bias = adapter.parameters(source)
-            tensors = [weight] if bias is None else [weight, bias]
-            for t in tensors:
-                if id(t) not in name_of:
-                    raise OptionError("a layer's weight is not a parameter of the model (a parametrization?)")
-                self._names.append(name_of[id(t)])
-            self._counts.append(len(tensors))
+        # functional_call names of the layout's parameters, each once (layout.parameters())
+        self._names: list[str] = []
+        for t in layout.parameters():
+            if id(t) not in name_of:
+                raise OptionError("a layer's weight is not a parameter of the model (a parametrization?)")
+            self._names.append(name_of[id(t)])
         self.matvecs = 0
         self._forward_mode = True
 
     def _tangents(self, blocks: dict[str, Tensor], j: int) -> tuple[Tensor, ...]:
-        out: list[Tensor] = []
-        for block, (source, adapter) in zip(self.layout.blocks, self.layout.sources().values(), strict=True):
-            weight, bias = adapter.from_matrix(source, blocks[block.name][j])
-            out += [weight] if bias is None else [weight, bias]
+        """Column ``j`` as whole-parameter tangents (zero in rows no layer of the layout uses)."""
+        out = self.layout.matrices_to_params({name: b[j] for name, b in blocks.items()})
         return tuple(t.to(self.dtype) for t in out)
 
     def _accumulate(self, out: dict[str, Tensor], grads: Sequence[Tensor], j: int) -> None:
-        i = 0
-        for block, (source, adapter), count in zip(
-            self.layout.blocks, self.layout.sources().values(), self._counts, strict=True
-        ):
-            parts = grads[i : i + count]
-            i += count
-            out[block.name][j] += adapter.to_matrix(source, parts[0], parts[1] if count > 1 else None)
+        for name, matrix in self.layout.params_to_matrices(grads).items():
+            out[name][j] += matrix
 
     def _apply(self, blocks: dict[str, Tensor]) -> dict[str, Tensor]:
         k = next(iter(blocks.values())).shape[0]

@@ -8,11 +8,14 @@ direction of the Kronecker-factored eigenbasis, cross-checked, summarised and wr
   ``v^T F v`` by forward-mode jvp (:func:`curvlab.analysis.curvature.directional_curvature`) on
   ``directions`` directions per layer spread over its K-FAC eigenvalue range (:func:`select_directions`),
   all with the task's loss (:class:`~curvlab.capture.task.Task`);
-* :func:`summarize`: the JSON summary — Spearman rank correlation and median ``|log10(variance /
-  curvature)|`` per layer and overall, over the directions where both exceed the numerical floor
-  ``NULL_FLOOR ×`` the largest curvature (:func:`numerical_floor`; the others are counted), and the
-  largest relative error of the jvp curvature against the all-direction route, floored at ``1e-8 ×``
-  the layer's largest (:func:`_relative_errors`);
+* :func:`summarize`: the JSON summary — per layer and overall, over the directions where both values
+  exceed the numerical floor ``NULL_FLOOR ×`` the largest curvature (:func:`numerical_floor`) and whose
+  Monte-Carlo curvature is not noise (relative standard error at most :data:`NOISE_BOUND`; both kinds
+  are counted and left out): the Spearman rank correlation, the least-squares slope of ``log10
+  variance`` on ``log10 curvature`` with its 95% interval, the offset (median ``log10(variance /
+  curvature)``) and the median ``|log10(variance / curvature)|``; and the largest relative error of the
+  jvp curvature against the all-direction route, floored at ``1e-8 ×`` the layer's largest
+  (:func:`_relative_errors`), with the jvp values' distance from it in standard errors;
 * :func:`write_result`: the per-direction results, written atomically (layout in docs/gradcov.md).
 """
 
@@ -107,6 +110,7 @@ def run_gradcov(
     seed: int = 0,
     progress: bool = False,
     task: Task | None = None,
+    rao_blackwell: bool = True,
 ) -> GradcovResult:
     """All-direction statistics (curvature by ``route``: exact, mc, fvp-only or auto) plus jvp
     curvature on ``directions`` directions per layer spread over the K-FAC eigenvalue range, with the
@@ -118,12 +122,13 @@ def run_gradcov(
     stats = project_gradients(
         model, batches, bases, curvature=all_route, mc_samples=mc_samples, seed=seed, progress=progress,
         task=task,
+        rao_blackwell=rao_blackwell,
     )
     selected, fvp = {}, {}
     for name, layer_stats in stats.items():
         picks = select_directions(layer_stats.kfac_eigenvalue, directions) if directions else []
         basis = bases[name]
-        vectors = [torch.outer(basis.Q_S[:, i], basis.Q_A[:, j]) for i, j in picks]
+        vectors = [basis.direction(i, j) for i, j in picks]
         selected[name] = picks
         fvp[name] = (
             directional_curvature(model, name, vectors, batches, task=task).cpu().numpy()
@@ -149,6 +154,9 @@ def check_finite_result(result: GradcovResult, where: str) -> None:
 
 
 NULL_FLOOR = 1e-12
+#: A Monte-Carlo curvature whose standard error exceeds this fraction of its value is noise: its 2-SE
+#: interval reaches 0, so the estimate cannot tell the direction's curvature from none at all.
+NOISE_BOUND = 0.5
 
 
 def numerical_floor(curvatures: Sequence[np.ndarray]) -> float:
@@ -162,38 +170,71 @@ def numerical_floor(curvatures: Sequence[np.ndarray]) -> float:
     return NULL_FLOOR * largest
 
 
-def _log_ratio_stats(variance: np.ndarray, curvature: np.ndarray, floor: float) -> dict[str, Any]:
-    """Spearman rank correlation and median |log10(variance / curvature)| over the directions where
-    both exceed the numerical floor (the others are counted in ``num_excluded_null``)."""
+def _log_ratio_stats(
+    variance: np.ndarray, curvature: np.ndarray, floor: float, se: np.ndarray | None = None
+) -> dict[str, Any]:
+    """Agreement of variance and curvature over the directions where both exceed the numerical floor
+    and the curvature is not Monte-Carlo noise (``se / curvature <= NOISE_BOUND``); the others are
+    counted in ``num_excluded_null`` and ``num_noisy``.
+
+    * ``spearman``: rank correlation;
+    * ``slope`` (``slope_low``, ``slope_high``): least-squares slope of ``log10 variance`` on ``log10
+      curvature`` and its 95% interval (``± 1.96`` standard errors; it treats the directions' residuals
+      as independent, so read it as a lower bound on the uncertainty). ``H ≈ C`` up to a constant means
+      slope 1;
+    * ``offset_log10``: median of ``log10(variance / curvature)`` (the constant factor between them), and
+      ``median_abs_log10_ratio``: median of its absolute value (0 means equal).
+    """
     from scipy.stats import spearmanr
 
     v, c = variance.ravel(), curvature.ravel()
-    keep = (v > floor) & (c > floor)
-    out: dict[str, Any] = {"num_directions": int(v.size), "num_excluded_null": int((~keep).sum())}
-    if keep.sum() >= 2:
-        out["spearman"] = float(spearmanr(v[keep], c[keep]).statistic)
-        out["median_abs_log10_ratio"] = float(np.median(np.abs(np.log10(v[keep] / c[keep]))))
+    resolved = (v > floor) & (c > floor)
+    noisy = np.zeros_like(resolved)
+    if se is not None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            noisy = resolved & (se.ravel() > NOISE_BOUND * c)
+    keep = resolved & ~noisy
+    out: dict[str, Any] = {"num_directions": int(v.size), "num_excluded_null": int((~resolved).sum()),
+                           "num_noisy": int(noisy.sum()), "num_compared": int(keep.sum())}
+    none = dict.fromkeys(("spearman", "median_abs_log10_ratio", "offset_log10", "slope", "slope_low",
+                          "slope_high"))
+    if keep.sum() < 3:
+        return {**out, **none}
+    x, y = np.log10(c[keep]), np.log10(v[keep])
+    ratio = y - x
+    out["spearman"] = float(spearmanr(v[keep], c[keep]).statistic)
+    out["median_abs_log10_ratio"] = float(np.median(np.abs(ratio)))
+    out["offset_log10"] = float(np.median(ratio))
+    xc = x - x.mean()
+    sxx = float(xc @ xc)
+    if sxx > 0:
+        slope = float(xc @ (y - y.mean()) / sxx)
+        resid = y - y.mean() - slope * xc
+        stderr = float(np.sqrt(resid @ resid / (len(x) - 2) / sxx))
+        out.update(slope=slope, slope_low=slope - 1.96 * stderr, slope_high=slope + 1.96 * stderr)
     else:
-        out["spearman"] = None
-        out["median_abs_log10_ratio"] = None
+        out.update(slope=None, slope_low=None, slope_high=None)
     return out
 
 
 def summarize(result: GradcovResult) -> dict[str, Any]:
     """The JSON summary of ``curvlab gradcov``: agreement of gradient variance and curvature."""
     compared = {name: _compared(result, name, stats) for name, stats in result.layers.items()}
-    floor = numerical_floor([c for _, c in compared.values()])
+    floor = numerical_floor([c for _, c, _ in compared.values()])
     per_layer = [
-        {"name": name, "order": result.layers[name].order, **_log_ratio_stats(v, c, floor)}
-        for name, (v, c) in compared.items()
+        {"name": name, "order": result.layers[name].order, "estimator": result.layers[name].estimator,
+         **_log_ratio_stats(v, c, floor, se)}
+        for name, (v, c, se) in compared.items()
     ]
-    all_v = np.concatenate([v for v, _ in compared.values()])
-    all_c = np.concatenate([c for _, c in compared.values()])
+    all_v = np.concatenate([v for v, _, _ in compared.values()])
+    all_c = np.concatenate([c for _, c, _ in compared.values()])
+    all_se = np.concatenate([se for _, _, se in compared.values()])
     summary: dict[str, Any] = {
         "curvature_route": result.route,
         "num_examples": next(iter(result.layers.values())).num_examples if result.layers else 0,
         "null_floor": floor,
-        **_log_ratio_stats(all_v, all_c, floor),
+        "noise_bound": NOISE_BOUND,
+        **_log_ratio_stats(all_v, all_c, floor, all_se),
         "layers": per_layer,
     }
     if result.route != "fvp":
@@ -205,7 +246,36 @@ def summarize(result: GradcovResult) -> dict[str, Any]:
         summary["fvp_vs_" + result.route + "_max_rel_err"] = (
             float(max(e.max() for e in errors)) if errors else None
         )
+        if result.route == "mc":
+            summary["fvp_check"] = _fvp_check(result)
     return summary
+
+
+def _fvp_check(result: GradcovResult) -> list[dict[str, Any]]:
+    """Per layer: the jvp values against the mc route in standard errors, ``|fvp − mc| / SE``, over the
+    selected directions (the flattest decile among them counted), and how many lie within 3 SE. Where the
+    SE is below ``1e-8 ×`` the value (exact, e.g. a tied row whose token is not in the inputs: the closed
+    form alone) the difference is measured against that rounding level instead."""
+    out = []
+    for name, stats in result.layers.items():
+        picks = result.selected[name]
+        if not picks or stats.curvature_se is None:
+            continue
+        fvp = result.fvp_curvature[name]
+        mc = np.array([stats.curvature[i, j] for i, j in picks])
+        se = np.array([stats.curvature_se[i, j] for i, j in picks])
+        eig = np.array([stats.kfac_eigenvalue[i, j] for i, j in picks])
+        decile = eig <= np.quantile(stats.kfac_eigenvalue, 0.1)
+        # an exact value (SE 0: the closed form alone) is judged to float64 rounding, as _relative_errors
+        tolerance = np.maximum(se, 1e-8 * np.maximum(np.abs(fvp), np.abs(mc)))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = np.abs(fvp - mc) / tolerance
+        out.append({
+            "name": name, "directions": len(picks), "flattest_decile": int(decile.sum()),
+            "within_3se": int((z <= 3).sum()), "max_z": float(np.nanmax(z)) if np.isfinite(z).any() else None,
+            "max_rel_err": float(np.max(np.abs(fvp - mc) / np.maximum(np.abs(fvp), 1e-300))),
+        })
+    return out
 
 
 def _relative_errors(fvp: np.ndarray, exact: np.ndarray) -> np.ndarray:
@@ -223,12 +293,17 @@ def _relative_errors(fvp: np.ndarray, exact: np.ndarray) -> np.ndarray:
     return np.abs(fvp - exact) / np.maximum(np.maximum(np.abs(fvp), np.abs(exact)), floor)
 
 
-def _compared(result: GradcovResult, name: str, stats: DirectionStatistics) -> tuple[np.ndarray, np.ndarray]:
-    """(variance, curvature) over the directions that have a curvature: all, or the jvp-selected."""
+def _compared(
+    result: GradcovResult, name: str, stats: DirectionStatistics
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(variance, curvature, its standard error) over the directions that have a curvature: all, or the
+    jvp-selected (exact: SE 0)."""
     if stats.curvature is not None:
-        return stats.variance.ravel(), stats.curvature.ravel()
+        se = stats.curvature_se if stats.curvature_se is not None else np.zeros_like(stats.curvature)
+        return stats.variance.ravel(), stats.curvature.ravel(), se.ravel()
     picks = result.selected[name]
-    return np.array([stats.variance[i, j] for i, j in picks]), result.fvp_curvature[name]
+    fvp = result.fvp_curvature[name]
+    return np.array([stats.variance[i, j] for i, j in picks]), fvp, np.zeros_like(fvp)
 
 
 def write_result(path: str, result: GradcovResult, attrs: Mapping[str, Any]) -> None:
@@ -248,7 +323,9 @@ def write_result(path: str, result: GradcovResult, attrs: Mapping[str, Any]) -> 
             g = group.create_group(name)
             g.attrs["contraction_order"] = stats.order
             g.attrs["num_examples"] = stats.num_examples
-            for key in ("kfac_eigenvalue", "mean", "variance", "second_moment", "curvature"):
+            if stats.estimator:
+                g.attrs["curvature_estimator"] = stats.estimator
+            for key in ("kfac_eigenvalue", "mean", "variance", "second_moment", "curvature", "curvature_se"):
                 value = getattr(stats, key)
                 if value is not None:
                     g.create_dataset(key, data=value)

@@ -15,9 +15,12 @@ A vector (or ``k`` of them) can be given three ways, and comes back the way it w
 * a tensor ``(D,)`` or ``(D, k)`` in the layout above;
 * a dict ``{layer: (m, n)}`` or ``{layer: (k, m, n)}`` of matrices;
 * a list of tensors shaped like the model's parameters (:meth:`ParameterLayout.parameters`: per layer
-  its weight, then its bias), each with an extra trailing dimension ``k`` for several vectors (as
-  curvlinops does). This needs the model: the layers' adapters map parameters to ``W`` and back
-  (``to_matrix`` / ``from_matrix``), so any layer type with an adapter plugs in.
+  its weight, then its bias, each parameter once), each with an extra trailing dimension ``k`` for
+  several vectors (as curvlinops does). This needs the model: the layers' adapters map parameters to
+  ``W`` and back (``to_matrix`` / ``from_matrix``, and ``rows``: the q, k and v entries of an attention
+  are row blocks of one packed ``in_proj_weight``), so any layer type with an adapter plugs in. Rows of
+  a parameter that no layer of the layout uses (a projection left out by ``layers=``) are not part of
+  the operator's space: they are ignored on the way in and zero on the way out.
 """
 
 from __future__ import annotations
@@ -30,6 +33,13 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.errors import OptionError
+
+
+def factor_size(factor: Any) -> int:
+    """The side of a factor as a matrix: ``n`` for dense ``(n, n)`` or diagonal ``(n,)``, ``C·k`` for blocks
+    ``(C, k, k)`` (the block-diagonal ``A`` of a ``NormAffine`` entry)."""
+    shape = tuple(factor.shape)
+    return int(shape[0] * shape[1]) if len(shape) == 3 else int(shape[0])
 
 
 @dataclass(frozen=True)
@@ -68,10 +78,11 @@ class ParameterLayout:
 
     @classmethod
     def from_factors(cls, factors: Mapping[str, Any]) -> ParameterLayout:
-        """The layout of a FactorSet / checkpoint step: ``m`` = size of ``S``, ``n`` = size of ``A``."""
+        """The layout of a FactorSet / checkpoint step: ``m`` = size of ``S``, ``n`` = size of ``A``
+        (:func:`factor_size`: ``C·k`` for a ``NormAffine`` entry's blocks)."""
         return cls(
             [
-                (name, f.module_type, f.weight_shape, f.has_bias, int(f.S.shape[0]), int(f.A.shape[0]))
+                (name, f.module_type, f.weight_shape, f.has_bias, factor_size(f.S), factor_size(f.A))
                 for name, f in factors.items()
             ]
         )
@@ -117,11 +128,53 @@ class ParameterLayout:
         return self._sources
 
     def parameters(self) -> list[Tensor]:
-        """The model's parameters the operator acts on: per layer its weight, then its bias."""
-        out = []
+        """The model's parameters the operator acts on, each once, in the layers' order (per layer its
+        weight, then its bias). An attention's packed ``in_proj_weight`` is one parameter holding the
+        rows of its q, k and v entries; a tied weight is one parameter."""
+        out: dict[int, Tensor] = {}
         for source, adapter in self.sources().values():
-            weight, bias = adapter.parameters(source)
-            out += [weight] if bias is None else [weight, bias]
+            for param in adapter.parameters(source):
+                if param is not None:
+                    out.setdefault(id(param), param)
+        return list(out.values())
+
+    def _parts(self) -> list[tuple[LayerBlock, Any, Any, list[tuple[int, slice | None]]]]:
+        """Per layer ``(block, source, adapter, [(index in parameters(), rows or None), ...])`` for its
+        weight and bias (``rows``: the rows of the parameter that make up ``W``, ``None``: all)."""
+        index = {id(p): i for i, p in enumerate(self.parameters())}
+        out = []
+        for block, (source, adapter) in zip(self.blocks, self.sources().values(), strict=True):
+            params = adapter.parameters(source)
+            parts = [
+                (index[id(param)], rows)
+                for param, rows in zip(params, adapter.rows(source), strict=True)
+                if param is not None
+            ]
+            out.append((block, source, adapter, parts))
+        return out
+
+    def params_to_matrices(self, tensors: Sequence[Tensor]) -> dict[str, Tensor]:
+        """``{layer: W (m × n)}`` from one tensor per :meth:`parameters` entry, shaped like it (e.g. a
+        gradient): each layer reads its rows (rows no layer uses are not part of the operator's space)."""
+        out = {}
+        for block, source, adapter, parts in self._parts():
+            weight, bias = (tensors[i] for i, _ in parts) if len(parts) == 2 else (tensors[parts[0][0]], None)
+            out[block.name] = adapter.to_matrix(source, weight, bias)
+        return out
+
+    def matrices_to_params(self, matrices: Mapping[str, Tensor]) -> list[Tensor]:
+        """The inverse of :meth:`params_to_matrices`: one tensor per :meth:`parameters` entry, each layer's
+        ``W`` written into its rows, zero in rows no layer uses."""
+        params = self.parameters()
+        first = next(iter(matrices.values()))
+        out = [torch.zeros(p.shape, dtype=first.dtype, device=first.device) for p in params]
+        for block, source, adapter, parts in self._parts():
+            pieces = adapter.from_matrix(source, matrices[block.name])
+            for (i, rows), piece in zip(parts, [p for p in pieces if p is not None], strict=True):
+                if rows is None:
+                    out[i] = piece.reshape(params[i].shape).to(first.dtype)
+                else:
+                    out[i][rows] = piece
         return out
 
     # ------------------------------------------------------------------------------ conversions
@@ -169,26 +222,27 @@ class ParameterLayout:
                 f"expected {len(params)} tensors (the operator's parameters), got {len(tensors)}"
             )
         single = tuple(tensors[0].shape) == tuple(params[0].shape)
-        blocks, i = {}, 0
-        for b, (source, adapter) in zip(self.blocks, self.sources().values(), strict=True):
-            weight, bias = adapter.parameters(source)
-            parts = tensors[i : i + (1 if bias is None else 2)]
-            i += len(parts)
-            for t, p in zip(parts, [weight] if bias is None else [weight, bias], strict=True):
-                want = tuple(p.shape) if single else (*p.shape, t.shape[-1])
-                if tuple(t.shape) != want:
-                    raise OptionError(
-                        f"layer {b.name}: expected a tensor of shape {want}, got {tuple(t.shape)}"
-                    )
-            columns = (
-                [tuple(parts)]
-                if single
-                else [tuple(t[..., j] for t in parts) for j in range(parts[0].shape[-1])]
-            )
-            blocks[b.name] = torch.stack(
-                [adapter.to_matrix(source, c[0], c[1] if len(c) > 1 else None) for c in columns]
-            )
+        for t, p in zip(tensors, params, strict=True):
+            want = tuple(p.shape) if single else (*p.shape, tensors[0].shape[-1])
+            if not isinstance(t, Tensor) or tuple(t.shape) != want:
+                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise OptionError(
+                    f"parameter {self._param_name(p)}: expected a tensor of shape {want}, got {got}"
+                )
+        columns = [tensors] if single else [[t[..., j] for t in tensors] for j in range(tensors[0].shape[-1])]
+        matrices = [self.params_to_matrices(c) for c in columns]
+        blocks = {b.name: torch.stack([m[b.name] for m in matrices]) for b in self.blocks}
         return blocks, "params", single
+
+    def _param_name(self, param: Tensor) -> str:
+        """Which layer's parameter ``param`` is, for messages (the first layer that uses it)."""
+        for block, (source, adapter) in zip(self.blocks, self.sources().values(), strict=True):
+            weight, bias = adapter.parameters(source)
+            if param is weight:
+                return f"{block.name} (weight)"
+            if param is bias:
+                return f"{block.name} (bias)"
+        return "?"
 
     def from_blocks(self, blocks: Mapping[str, Tensor], form: str, single: bool) -> Any:
         """The inverse of :meth:`to_blocks`: ``{layer: (k, m, n)}`` back in ``form``."""
@@ -199,10 +253,8 @@ class ParameterLayout:
             return flat[:, 0] if single else flat
         if form == "dict":
             return {b.name: (blocks[b.name][0] if single else blocks[b.name]) for b in self.blocks}
-        out = []
-        for b, (source, adapter) in zip(self.blocks, self.sources().values(), strict=True):
-            pieces = [adapter.from_matrix(source, mat) for mat in blocks[b.name]]
-            for which in range(1 if pieces[0][1] is None else 2):
-                parts = [p[which] for p in pieces]
-                out.append(parts[0] if single else torch.stack(parts, dim=-1))
-        return out
+        k = next(iter(blocks.values())).shape[0]
+        columns = [self.matrices_to_params({name: b[j] for name, b in blocks.items()}) for j in range(k)]
+        if single:
+            return columns[0]
+        return [torch.stack([c[i] for c in columns], dim=-1) for i in range(len(columns[0]))]

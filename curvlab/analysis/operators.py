@@ -52,11 +52,16 @@ from curvlab.errors import OptionError
 @dataclass
 class FactorBasis:
     """The eigendecomposition of one factor: ``values`` (ascending) and the eigenvectors, either a dense
-    ``q`` (columns) or, for a diagonal factor, the permutation ``order`` with ``Q = I[:, order]``."""
+    ``q`` (columns), or, for a diagonal factor, the permutation ``order`` with ``Q = I[:, order]``, or,
+    for a blocks factor ``(C, k, k)`` (a ``NormAffine`` entry's ``A = diag(F_1, ..., F_C)``), the blocks'
+    own eigenvectors ``blocks`` ``(C, k, k)`` (columns) and ``order``: column ``i`` of ``Q`` is
+    eigenvector ``order[i] % k`` of block ``order[i] // k`` (the spectrum engine's convention,
+    :class:`~curvlab.analysis.spectrum.engine.FactorEig`), so ``Q`` is never a ``C·k × C·k`` matrix."""
 
     values: Tensor
     q: Tensor | None = None
     order: Tensor | None = None
+    blocks: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.order is not None:
@@ -66,35 +71,61 @@ class FactorBasis:
     def size(self) -> int:
         return int(self.values.shape[0])
 
-    def rotate_rows(self, V: Tensor) -> Tensor:
-        """``Q^T V`` on the second-to-last axis."""
-        return V[..., self.order, :] if self.q is None else self.q.T @ V
-
-    def unrotate_rows(self, C: Tensor) -> Tensor:
-        """``Q C`` on the second-to-last axis."""
-        return C[..., self.inverse, :] if self.q is None else self.q @ C
+    def _blocks_right(self, V: Tensor, transpose: bool) -> Tensor:
+        """``V diag(Q_1, ..., Q_C)`` (``transpose``: ``V diag(Q_1, ..., Q_C)^T``) on the last axis."""
+        C, k, _ = self.blocks.shape
+        pattern = "...ci,cij->...cj" if not transpose else "...cj,cij->...ci"
+        return torch.einsum(pattern, V.reshape(*V.shape[:-1], C, k), self.blocks).reshape(V.shape)
 
     def rotate_cols(self, V: Tensor) -> Tensor:
         """``V Q`` on the last axis."""
+        if self.blocks is not None:
+            return self._blocks_right(V, transpose=False)[..., self.order]
         return V[..., self.order] if self.q is None else V @ self.q
 
     def unrotate_cols(self, C: Tensor) -> Tensor:
         """``C Q^T`` on the last axis."""
+        if self.blocks is not None:
+            return self._blocks_right(C[..., self.inverse], transpose=True)
         return C[..., self.inverse] if self.q is None else C @ self.q.T
+
+    def rotate_rows(self, V: Tensor) -> Tensor:
+        """``Q^T V`` on the second-to-last axis."""
+        if self.blocks is not None:
+            return self.rotate_cols(V.transpose(-1, -2)).transpose(-1, -2)
+        return V[..., self.order, :] if self.q is None else self.q.T @ V
+
+    def unrotate_rows(self, C: Tensor) -> Tensor:
+        """``Q C`` on the second-to-last axis."""
+        if self.blocks is not None:
+            return self.unrotate_cols(C.transpose(-1, -2)).transpose(-1, -2)
+        return C[..., self.inverse, :] if self.q is None else self.q @ C
 
     def column(self, i: int) -> Tensor:
         """Eigenvector ``i`` as a dense vector."""
         if self.q is not None:
             return self.q[:, i]
         out = torch.zeros(self.size, dtype=self.values.dtype, device=self.values.device)
+        if self.blocks is not None:
+            k = self.blocks.shape[1]
+            c, j = divmod(int(self.order[i]), k)
+            out[c * k : (c + 1) * k] = self.blocks[c, :, j]
+            return out
         out[self.order[i]] = 1.0
         return out
+
+    def dense(self) -> Tensor:
+        """``Q`` as a dense matrix (``size²`` numbers: for tests and small factors)."""
+        if self.q is not None:
+            return self.q
+        return torch.stack([self.column(i) for i in range(self.size)], dim=1)
 
     @classmethod
     def of(
         cls, factor: np.ndarray | Tensor, *, dtype: torch.dtype, device: torch.device, name: str = "X"
     ) -> FactorBasis:
-        """Decompose a dense ``(n, n)`` or diagonal ``(n,)`` factor with the spectrum engine (float64)."""
+        """Decompose a dense ``(n, n)``, diagonal ``(n,)`` or blocks ``(C, k, k)`` factor with the spectrum
+        engine (float64)."""
         from curvlab.analysis.spectrum.engine import decompose_factor
 
         x = factor.detach().cpu().numpy() if isinstance(factor, Tensor) else np.asarray(factor)
@@ -102,7 +133,36 @@ class FactorBasis:
         values = torch.as_tensor(eig.eigenvalues, dtype=dtype, device=device)
         if eig.kind == "diagonal":
             return cls(values, order=torch.as_tensor(eig.order, device=device))
+        if eig.kind == "blocks":
+            return cls(
+                values,
+                order=torch.as_tensor(eig.order, device=device),
+                blocks=torch.as_tensor(np.asarray(eig.eigenvectors), dtype=dtype, device=device),
+            )
         return cls(values, q=torch.as_tensor(np.asarray(eig.eigenvectors), dtype=dtype, device=device))
+
+
+_KINDS = {1: "diagonal", 2: "dense", 3: "blocks"}
+
+
+def _factor_times(S: Tensor, V: Tensor) -> Tensor:
+    """``S V`` on the second-to-last axis (``S`` dense or diagonal)."""
+    return S[:, None] * V if S.dim() == 1 else S @ V
+
+
+def _times_factor(V: Tensor, A: Tensor) -> Tensor:
+    """``V A`` on the last axis (``A`` dense, diagonal, or blocks ``(C, k, k)``: ``diag(A_1, ..., A_C)``)."""
+    if A.dim() == 1:
+        return V * A
+    if A.dim() == 3:
+        C, k, _ = A.shape
+        return torch.einsum("...ci,cij->...cj", V.reshape(*V.shape[:-1], C, k), A).reshape(V.shape)
+    return V @ A
+
+
+def _trace(X: Tensor) -> Tensor:
+    """``tr X`` of a dense, diagonal or blocks factor."""
+    return X.sum() if X.dim() == 1 else X.diagonal(dim1=-2, dim2=-1).sum()
 
 
 def to_kfe(V: Tensor, bs: FactorBasis, ba: FactorBasis) -> Tensor:
@@ -285,11 +345,8 @@ class KFACOperator(_KFEOperator):
                 x = torch.as_tensor(np.asarray(getattr(f, which)), dtype=dtype, device=self.device)
                 if not torch.isfinite(x).all():
                     raise OptionError(f"layer {name}: factor {which} has non-finite entries")
-                getattr(self, which)[name] = x if x.dim() == 1 else (x + x.T) / 2
-            self.kinds[name] = (
-                "diagonal" if self.S[name].dim() == 1 else "dense",
-                "diagonal" if self.A[name].dim() == 1 else "dense",
-            )
+                getattr(self, which)[name] = x if x.dim() == 1 else (x + x.transpose(-1, -2)) / 2
+            self.kinds[name] = (_KINDS[self.S[name].dim()], _KINDS[self.A[name].dim()])
         self.fisher_type = getattr(factors, "fisher_type", None)
         self.num_examples = getattr(factors, "num_examples", None)
         self._bases: dict[str, tuple[FactorBasis, FactorBasis]] | None = None
@@ -318,12 +375,9 @@ class KFACOperator(_KFEOperator):
         return op
 
     def _apply(self, blocks: dict[str, Tensor]) -> dict[str, Tensor]:
-        out = {}
-        for name, V in blocks.items():
-            S, A = self.S[name], self.A[name]
-            V = S[:, None] * V if S.dim() == 1 else S @ V
-            out[name] = V * A if A.dim() == 1 else V @ A
-        return out
+        return {
+            name: _times_factor(_factor_times(self.S[name], V), self.A[name]) for name, V in blocks.items()
+        }
 
     def bases(self) -> dict[str, tuple[FactorBasis, FactorBasis]]:
         """The KFE of every layer, decomposed once by the spectrum engine (float64)."""
@@ -343,7 +397,8 @@ class KFACOperator(_KFEOperator):
 
     def inverse(self, damping: float, method: str = "exact") -> FunctionOperator:
         """``(K-FAC + λ I)^-1`` (``"exact"``) or the optimizer's factored Tikhonov inverse
-        (``"factored"``)."""
+        (``"factored"``; a ``NormAffine`` entry, whose blocks the optimizer damps with plain Tikhonov
+        ``(S F_c + λ I)^-1``, is inverted exactly by both)."""
         damping = _check_damping(damping, positive=True)
         if method == "exact":
             return self._exact_inverse(damping)
@@ -352,14 +407,19 @@ class KFACOperator(_KFEOperator):
         from curvlab.optim.kfac import factored_damping
 
         bases = self.bases()
-        damped = {name: factored_damping(bs.values, ba.values, damping) for name, (bs, ba) in bases.items()}
+        damped = {}
+        for name, (bs, ba) in bases.items():
+            if ba.blocks is not None:  # the optimizer's Tikhonov (s F_c + λ I)^-1 per channel: exact here
+                damped[name] = torch.outer(bs.values, ba.values) + damping
+            else:
+                ds, da = factored_damping(bs.values, ba.values, damping)
+                damped[name] = ds[:, None] * da[None, :]
 
         def apply(blocks: dict[str, Tensor]) -> dict[str, Tensor]:
-            out = {}
-            for name, V in blocks.items():
-                ds, da = damped[name]
-                out[name] = from_kfe(to_kfe(V, *bases[name]) / (ds[:, None] * da[None, :]), *bases[name])
-            return out
+            return {
+                name: from_kfe(to_kfe(V, *bases[name]) / damped[name], *bases[name])
+                for name, V in blocks.items()
+            }
 
         return FunctionOperator(self.layout, apply, self.dtype, self.device)
 
@@ -387,18 +447,17 @@ class KFACOperator(_KFEOperator):
         total = 0.0
         for name in self.S:
             S, A = self.S[name], self.A[name]
-            total += float(
-                (S.sum() if S.dim() == 1 else S.trace()) * (A.sum() if A.dim() == 1 else A.trace())
-            )
+            total += float(_trace(S) * _trace(A))
         return total
 
     def logdet(self, damping: float = 0.0, method: str = "exact") -> float:
         """``log det`` of ``K-FAC + λ I`` (``"exact"``) or of the factored damping's matrix
-        ``(S + √λ/π I) ⊗ (A + π√λ I)`` (``"factored"``: ``n Σ log(σ_i + √λ/π) + m Σ log(α_j + π√λ)``)."""
+        ``(S + √λ/π I) ⊗ (A + π√λ I)`` (``"factored"``: ``n Σ log(σ_i + √λ/π) + m Σ log(α_j + π√λ)``;
+        a ``NormAffine`` entry's ``S ⊗ A + λ I`` either way, as :meth:`inverse`)."""
         damping = _check_damping(damping, positive=False)
         total = 0.0
         for bs, ba in self.bases().values():
-            if method == "factored":
+            if method == "factored" and ba.blocks is None:
                 from curvlab.optim.kfac import factored_damping
 
                 ds, da = factored_damping(bs.values, ba.values, _check_damping(damping, positive=True))
@@ -494,10 +553,11 @@ class EKFACOperator(_KFEOperator):
             for which in ("S", "A"):
                 values = torch.as_tensor(getattr(layer, f"{which}_eigenvalues"), dtype=dtype, device=dev)
                 vectors, order = getattr(layer, f"{which}_eigenvectors"), getattr(layer, f"{which}_order")
-                if order is not None:
-                    pair.append(FactorBasis(values, order=torch.as_tensor(order, device=dev)))
-                else:
+                if order is None:
                     pair.append(FactorBasis(values, q=torch.as_tensor(vectors, dtype=dtype, device=dev)))
+                    continue
+                blocks = None if vectors is None else torch.as_tensor(vectors, dtype=dtype, device=dev)
+                pair.append(FactorBasis(values, order=torch.as_tensor(order, device=dev), blocks=blocks))
             bases[name] = tuple(pair)
         op = cls(
             layout,

@@ -8,11 +8,17 @@ gradients ``g_nt`` at locations ``t = 1..T`` of example ``n = 1..N``:
 
 so that ``F ≈ S ⊗ A`` for the row-major ``vec`` of the ``(m, n)`` weight matrix. With one location this
 is eq. 13; for convolutions it is eq. 15 (sum over locations in ``A``, mean in ``S``); sequence tokens
-of a Linear layer are treated like convolution locations. For one example at one location,
+of a Linear layer are treated like convolution locations, and so are the calls of a module used
+several times in one forward pass (``T`` counts the locations of all its calls). For one example at
+one location,
 ``S ⊗ A = vec(G) vec(G)^T`` with ``G = g a^T`` its weight gradient. An ``nn.Embedding`` is the layer
 ``s = E^T onehot``: its ``A`` is diagonal (token counts / N). A weight shared by an Embedding and the
 pre-softmax Linear (eq. 16) is one ``TiedEmbedding`` entry whose V-side ``S`` (diagonal) and d-side
-``A`` pool the rank-one terms of both uses (docs/factors.md, "Tied embedding").
+``A`` pool the rank-one terms of both uses (docs/factors.md, "Tied embedding"). The projections of an
+``nn.MultiheadAttention`` are four Linear entries (:mod:`curvlab.capture.attention`), and the ``(γ, β)``
+of a normalisation layer one ``NormAffine`` entry holding its exact per-channel Fisher blocks
+(:mod:`curvlab.capture.norms`). Every trainable parameter without an entry is reported, with the
+reason, in :attr:`FactorSet.coverage` (:mod:`curvlab.capture.coverage`).
 
 The gradients ``g`` come from the Fisher type of the task's loss (:mod:`curvlab.capture.loss`: softmax
 cross-entropy by default, squared error, binary cross-entropy): the true label (``empirical``), ``k``
@@ -28,15 +34,14 @@ not depend on how the data was split into batches. ``N`` counts the examples wit
 label: an example whose labels all equal the loss's ``ignore_index`` adds nothing to ``S`` (its logit
 gradients are 0), and its inputs are left out of ``A`` too (the forward hooks select the batch rows of
 the examples that count). The model is used as it is (call ``model.eval()``
-first if it has dropout); examples must not interact within a batch (no batch-norm in train mode).
+first if it has dropout); examples must not interact within a batch: batch norm in training mode is a
+one-line :class:`~curvlab.errors.LayerError`.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -45,164 +50,39 @@ from torch import Tensor, nn
 
 from curvlab import distributed
 from curvlab.capture import layers as layer_math
+from curvlab.capture.coverage import Coverage, LayerPlan, measure, plan_layers
 from curvlab.capture.loss import FISHER_TYPES, logit_gradient_samples
-from curvlab.capture.task import Task, batch_context, default_task
-from curvlab.errors import OptionError
+from curvlab.capture.sums import _discard, _NormState, _seen, _State, _state, _why_skipped
+from curvlab.capture.task import Task, batch_context, batch_size, default_task
+from curvlab.errors import LayerError, OptionError
 from curvlab.io.checkpoint import LayerFactors, Step, append_step, expected_factor_sizes, save
+from curvlab.io.checkpoint.format import block_size
 from curvlab.limits import check_size
 
-FactorSource = nn.Module | layer_math.TiedPair
+FactorSource = nn.Module | layer_math.TiedPair | layer_math.Projection
 
 
-@dataclass
-class _LayerState:
-    """Running sums of one layer: ``Σ a a^T`` (or its diagonal), ``Σ (1/T) g g^T`` and the layer."""
-
-    module: nn.Module
-    adapter: layer_math.LayerAdapter
-    A_sum: Tensor | None = None
-    S_sum: Tensor | None = None
-    outputs: list[tuple[str, Tensor]] = field(default_factory=list)
-
-    def targets(self) -> list[tuple[nn.Module, str]]:
-        """The modules to hook, each with its role in this entry."""
-        return [(self.module, "layer")]
-
-    def on_forward(self, role: str, module: nn.Module, x: Tensor, output: Tensor, dtype: torch.dtype) -> None:
-        self.A_sum = _add(self.A_sum, self.adapter.input_second_moment(module, x), dtype)
-        self.outputs.append((role, output))
-
-    def on_output_grad(self, role: str, grad: Tensor, weight: float, dtype: torch.dtype) -> None:
-        g = self.adapter.output_grads(self.module, grad)
-        self.S_sum = _add(self.S_sum, layer_math.output_second_moment(g) * weight, dtype)
-
-    def end_batch(self) -> None:
-        self.outputs.clear()
-
-
-@dataclass
-class _TiedState:
-    """Running sums of a tied embedding / pre-softmax weight (seed eq. 16, docs/factors.md).
-
-    ``A_sum`` is ``Σ_n Σ_k u u^T`` over the terms ``k`` of both sources. ``S`` needs each example's
-    V-side sum divided by its number of terms ``P`` (tokens of the Linear plus tokens of the
-    Embedding), which is known only once the whole forward pass is seen: the batch's V-side sum is
-    kept in ``batch_S`` and ``P`` in ``batch_terms`` until :meth:`end_batch` (every example of a batch
-    has the same ``P``).
-    """
-
-    module: layer_math.TiedPair
-    adapter: layer_math.TiedEmbeddingAdapter
-    A_sum: Tensor | None = None
-    S_sum: Tensor | None = None
-    outputs: list[tuple[str, Tensor]] = field(default_factory=list)
-    batch_S: Tensor | None = None
-    batch_terms: int = 0
-
-    def targets(self) -> list[tuple[nn.Module, str]]:
-        return [(self.module.linear, "linear"), (self.module.embedding, "embedding")]
-
-    def on_forward(self, role: str, module: nn.Module, x: Tensor, output: Tensor, dtype: torch.dtype) -> None:
-        if role == "linear":
-            moment, terms = self.adapter.linear_input_moment(self.module, x)
-            self.A_sum = _add(self.A_sum, moment, dtype)
-        else:
-            counts, terms = self.adapter.embedding_input_moment(self.module, x)
-            self.batch_S = _add(self.batch_S, counts, dtype)
-        self.batch_terms += terms
-        self.outputs.append((role, output))
-
-    def on_output_grad(self, role: str, grad: Tensor, weight: float, dtype: torch.dtype) -> None:
-        if role == "linear":
-            moment = self.adapter.linear_output_moment(self.module, grad)
-            self.batch_S = _add(self.batch_S, moment * weight, dtype)
-        else:
-            moment = self.adapter.embedding_output_moment(self.module, grad)
-            self.A_sum = _add(self.A_sum, moment * weight, dtype)
-
-    def end_batch(self) -> None:
-        if self.batch_terms and self.batch_S is not None:
-            self.S_sum = _add(self.S_sum, self.batch_S / self.batch_terms, self.batch_S.dtype)
-        self.batch_S = None
-        self.batch_terms = 0
-        self.outputs.clear()
-
-
-_State = _LayerState | _TiedState
-
-
-def _own_weight(module: nn.Module) -> Tensor | None:
-    """The module's own ``weight`` Parameter (``None`` when it is computed, e.g. by a parametrization)."""
-    return dict(module.named_parameters(recurse=False)).get("weight")
-
-
-def _tie(group: list[tuple[str, nn.Module]]) -> tuple[str, str] | None:
-    """``(linear path, embedding path)`` if the modules sharing a weight are one Embedding and one Linear."""
-    linears = [name for name, m in group if isinstance(m, nn.Linear)]
-    embeddings = [name for name, m in group if isinstance(m, nn.Embedding)]
-    if len(group) == 2 and len(linears) == 1 and len(embeddings) == 1:
-        return linears[0], embeddings[0]
-    return None
+class CoverageWarning(UserWarning):
+    """Some trainable parameters have no factors (the one-line message names them and says why)."""
 
 
 def select_layers(
     model: nn.Module, patterns: Sequence[str] | None = None
-) -> dict[str, tuple[FactorSource, layer_math.LayerAdapter | layer_math.TiedEmbeddingAdapter]]:
-    """The model's layers that get Kronecker factors, by module path, filtered by fnmatch globs.
+) -> dict[str, tuple[FactorSource, Any]]:
+    """The model's entries that get Kronecker factors, by name, filtered by fnmatch globs.
 
-    Linear, Conv2d and Embedding layers each get an entry. A weight shared by an ``nn.Embedding`` and an
-    ``nn.Linear`` (the pre-softmax layer of a language model with tied weights, seed eq. 16) gets ONE
-    entry, a :class:`~curvlab.capture.layers.TiedPair` with the
+    Linear, Conv1d/2d/3d and Embedding layers each get an entry named by module path; every
+    ``nn.MultiheadAttention`` four (``<path>.q_proj``, ``.k_proj``, ``.v_proj``, ``.out_proj``: a
+    :class:`~curvlab.capture.layers.Projection` each); the affine parameters of a normalisation layer
+    one (``NormAffine``). A weight shared by an ``nn.Embedding`` and an ``nn.Linear`` (the pre-softmax
+    layer of a language model with tied weights, seed eq. 16) gets ONE entry, a
+    :class:`~curvlab.capture.layers.TiedPair` with the
     :class:`~curvlab.capture.layers.TiedEmbeddingAdapter`, named after the Linear's module path and
-    placed where the Linear is; a glob selects it if it matches either module's path. Layers sharing a
-    weight in any other way are skipped with a warning, as are unsupported instances of supported types
-    (e.g. grouped convolutions); a pattern that matches no supported layer is an error.
+    placed where the Linear is; a glob selects an entry if it matches its name or the path of a module
+    it covers. What gets no entry, and why, is :mod:`curvlab.capture.coverage`'s business; a pattern
+    that matches no entry is an error.
     """
-    candidates = []
-    users: dict[int, list[tuple[str, nn.Module]]] = {}
-    for name, module in model.named_modules():
-        adapter = layer_math.adapter_for(module)
-        if adapter is None:
-            continue
-        candidates.append((name, module, adapter))
-        weight = _own_weight(module)
-        if weight is not None:
-            users.setdefault(id(weight), []).append((name, module))
-    modules = dict(model.named_modules())
-    selected: dict = {}
-    matched_names: dict[str, list[str]] = {}
-    warned: set[int] = set()
-    for name, module, adapter in candidates:
-        weight = _own_weight(module)
-        group = users.get(id(weight), []) if weight is not None else []
-        names = [name]
-        source: FactorSource = module
-        if len(group) > 1:
-            tie = _tie(group)
-            if tie is None or tie[0] != name:
-                if tie is None and id(weight) not in warned:
-                    warned.add(id(weight))
-                    shared = ", ".join(n for n, _ in group)
-                    warnings.warn(f"layers {shared} share one weight: no K-FAC factors (only an "
-                                  "Embedding tied to a pre-softmax Linear is supported)", stacklevel=2)
-                continue
-            names = list(tie)
-            source = layer_math.TiedPair(linear=modules[tie[0]], embedding=modules[tie[1]])
-            adapter = layer_math.TiedEmbeddingAdapter()
-        if patterns is not None and not any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns):
-            continue
-        reason = adapter.supports(source)
-        if reason is not None:
-            warnings.warn(f"layer {name}: no K-FAC factors for {reason}", stacklevel=2)
-            continue
-        selected[name] = (source, adapter)
-        matched_names[name] = names
-    for pattern in patterns or ():
-        if not any(fnmatch.fnmatchcase(n, pattern) for names in matched_names.values() for n in names):
-            raise OptionError(
-                f"layer pattern {pattern!r} matches no Linear/Conv2d/Embedding layer of the model"
-            )
-    return selected
+    return plan_layers(model, patterns).selected
 
 
 def check_factor_memory(selected: Mapping[str, tuple[FactorSource, Any]], dtype: torch.dtype) -> None:
@@ -213,15 +93,16 @@ def check_factor_memory(selected: Mapping[str, tuple[FactorSource, Any]], dtype:
     for name, (source, adapter) in selected.items():
         shape, bias = adapter.weight_shape(source), adapter.has_bias(source)
         n, m = expected_factor_sizes(adapter.module_type, shape, bias)
-        dense_a = adapter.input_kind == "dense"
-        dense_s = getattr(adapter, "output_kind", "dense") == "dense"
-        sizes[name] = ((n * n if dense_a else n) + (m * m if dense_s else m)) * itemsize, n, m
+        k = block_size(adapter.module_type, bias) or 1  # a blocks A: n blocks of k x k
+        elements_a = {"dense": n * n, "blocks": n * k * k}.get(adapter.input_kind, n)
+        elements_s = m * m if getattr(adapter, "output_kind", "dense") == "dense" else m
+        text_a = f"{n} blocks of {k}x{k}" if adapter.input_kind == "blocks" else f"{n}x{n}"
+        sizes[name] = (elements_a + elements_s) * itemsize, f"A {text_a}, S {m}x{m}"
     if not sizes:
         return
-    largest = max(sizes, key=lambda k: sizes[k][0])
-    _, n, m = sizes[largest]
+    largest = max(sizes, key=lambda entry: sizes[entry][0])
     check_size(
-        f"the K-FAC factors of {len(sizes)} layers (largest: {largest}, A {n}x{n}, S {m}x{m})",
+        f"the K-FAC factors of {len(sizes)} layers (largest: {largest}, {sizes[largest][1]})",
         sum(v[0] for v in sizes.values()),
         OptionError,
     )
@@ -254,11 +135,14 @@ class FactorAccumulator:
         dtype: torch.dtype = torch.float64,
         generator: torch.Generator | None = None,
         task: Task | None = None,
+        batch_norm: str = "error",
     ) -> None:
         if fisher not in FISHER_TYPES:
             raise OptionError(f"unknown Fisher type {fisher!r}; choose one of {FISHER_TYPES}")
         if mc_samples < 1:
             raise OptionError(f"mc_samples must be at least 1, got {mc_samples}")
+        if batch_norm not in ("error", "skip"):
+            raise ValueError(f"batch_norm must be 'error' or 'skip', got {batch_norm!r}")
         self.model = model
         self.task = default_task(task)
         self.loss = self.task.loss
@@ -267,22 +151,26 @@ class FactorAccumulator:
         self.dtype = dtype
         self.generator = generator
         self.num_examples = 0
-        self.layers: dict[str, _State] = {}
-        selected = select_layers(model, layers)
-        check_factor_memory(selected, dtype)
-        for name, (source, adapter) in selected.items():
-            if isinstance(source, layer_math.TiedPair):
-                self.layers[name] = _TiedState(source, adapter)
-            else:
-                self.layers[name] = _LayerState(source, adapter)
+        self.plan: LayerPlan = plan_layers(model, layers)
+        if not self.plan.selected:
+            raise LayerError(
+                "the model has no layer with K-FAC factors (Linear, Conv1d/2d/3d, Embedding, "
+                "MultiheadAttention, or the affine parameters of a normalisation layer); "
+                + measure(model, self.plan, set()).summary()
+            )
+        check_factor_memory(self.plan.selected, dtype)
+        self.layers: dict[str, _State] = {
+            name: _state(name, source, adapter, batch_norm)
+            for name, (source, adapter) in self.plan.selected.items()
+        }
         self._handles: list[Any] = []
         self._recording = False
         self._rows: Tensor | None = None  # the batch rows that count (None: all)
+        self._batch_size: int | None = None
 
     def __enter__(self) -> FactorAccumulator:
-        for name, state in self.layers.items():
-            for module, role in state.targets():
-                self._handles.append(module.register_forward_hook(self._forward_hook(name, state, role)))
+        for state in self.layers.values():
+            self._handles += layer_math.watch(state.module, self._on_use(state), lambda: self._recording)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -290,21 +178,38 @@ class FactorAccumulator:
             handle.remove()
         self._handles.clear()
 
-    def _forward_hook(self, name: str, state: _State, role: str):
-        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            if self._recording:
-                x = inputs[0].detach()
-                if self._rows is not None:
-                    if x.shape[0] != self._rows.shape[0]:
-                        raise OptionError(
-                            f"layer {name}: its input's first dimension ({x.shape[0]}) is not the batch "
-                            f"({self._rows.shape[0]}): cannot leave out the examples whose labels are all "
-                            "ignored"
-                        )
-                    x = x[self._rows]
-                state.on_forward(role, module, x, output, self.dtype)
+    def _on_use(self, state: _State):
+        def on_use(role: str, x: Tensor, output: Tensor) -> None:
+            if state.skipped is not None:
+                return
+            if self._batch_size is not None and x.shape[:1] != (self._batch_size,):
+                rows = x.shape[0] if x.dim() else "no"
+                # a broadcast input (one row for all examples) or a folded one (e.g. x.reshape(-1, d):
+                # the examples' tokens as rows): either way its rows are not the examples, so neither
+                # per-example statistics nor the rows of ignored examples (``_rows``) can be taken
+                _discard(state, f"called on a tensor whose first dimension ({rows}) is not the batch "
+                                f"({self._batch_size} examples): its rows are not the examples (a broadcast "
+                                "or folded input), so it has no per-example statistics")
+                return
+            if not output.requires_grad:
+                _discard(state, "its output does not depend on anything trainable (frozen): no output "
+                                "gradients")
+                return
+            if self._rows is not None and not isinstance(state, _NormState):
+                # leave out the examples whose labels are all ignored (a norm block pairs each example's
+                # input with its output gradient, which is 0 for those examples: it keeps every row)
+                x = x[self._rows]
+            state.on_forward(role, x, output, self.dtype)
 
-        return hook
+        return on_use
+
+    def check_model(self) -> None:
+        """Refuse, before any batch, what is wrong with the model itself rather than with a batch: a norm
+        entry that normalises with batch statistics (training-mode batch norm, ``batch_norm="error"``).
+        The forward hooks check it again at every use (the mode can change between batches)."""
+        for state in self.layers.values():
+            if isinstance(state, _NormState):
+                state.refuse_batch_statistics()
 
     def forward(
         self, inputs: Any, *, record: bool = True, module: nn.Module | None = None,
@@ -323,6 +228,7 @@ class FactorAccumulator:
             record = record and bool(keep.any())
             keep = None if bool(keep.all()) else keep
         self._recording, self._rows = record, keep
+        self._batch_size = batch_size(inputs) if labels is None else int(labels.shape[0])
         try:
             logits = self.task.forward(self.model if module is None else module, inputs)
         except BaseException:
@@ -371,9 +277,9 @@ class FactorAccumulator:
                 grads = torch.autograd.grad(logits, outputs, grad_outputs=u, retain_graph=keep)
                 position = 0
                 for state in states:
-                    for role, _ in state.outputs:
-                        state.on_output_grad(role, grads[position], weight, self.dtype)
-                        position += 1
+                    count = len(state.outputs)
+                    state.on_sample(grads[position : position + count], weight, self.dtype)
+                    position += count
         finally:
             self._end_batch()
 
@@ -385,11 +291,7 @@ class FactorAccumulator:
         """``(A, S)`` of every layer seen, as symmetrised tensors (1-D for a diagonal factor)."""
         if self.num_examples == 0:
             raise OptionError("no examples were seen: the data is empty")
-        return {
-            name: (_mean(state.A_sum, self.num_examples), _mean(state.S_sum, self.num_examples))
-            for name, state in self.layers.items()
-            if state.A_sum is not None and state.S_sum is not None
-        }
+        return {name: state.mean(self.num_examples) for name, state in self.layers.items() if _seen(state)}
 
     def reduce(self) -> None:
         """Add up the sums and example counts of all processes (:mod:`curvlab.distributed`), in place.
@@ -401,17 +303,17 @@ class FactorAccumulator:
         if not distributed.context().active:
             return
         states = list(self.layers.values())
-        # per factor: [ndim + 1 (0 when absent), size, size or 0]; the maximum over processes
+        # per factor: [ndim + 1 (0 when absent), its sizes padded with 0 to 3]; the maximum over processes
         shapes: list[int] = []
         for state in states:
             for total in (state.A_sum, state.S_sum):
                 dims = [] if total is None else list(total.shape)
-                shapes += [0 if total is None else len(dims) + 1, *dims, *[0] * (2 - len(dims))]
+                shapes += [0 if total is None else len(dims) + 1, *dims, *[0] * (3 - len(dims))]
         shapes = distributed.all_reduce_max_int(shapes, "agreeing on the factor shapes")
         device = next(self.model.parameters()).device
         tensors = []
         for k, (state, attr) in enumerate((s, a) for s in states for a in ("A_sum", "S_sum")):
-            ndim_plus_one, *dims = shapes[3 * k : 3 * k + 3]
+            ndim_plus_one, *dims = shapes[4 * k : 4 * k + 4]
             if ndim_plus_one == 0:
                 continue  # no process used this layer
             if getattr(state, attr) is None:
@@ -427,24 +329,33 @@ class FactorAccumulator:
             state.A_sum = state.S_sum = None
         self.num_examples = 0
 
+    def coverage(self) -> Coverage:
+        """Which trainable parameters the entries seen so far cover (:mod:`curvlab.capture.coverage`)."""
+        extra = {name: _why_skipped(state) for name, state in self.layers.items() if _why_skipped(state)}
+        return measure(self.model, self.plan, {n for n, s in self.layers.items() if _seen(s)}, extra)
+
     def factors(self) -> FactorSet:
-        """The factors ``A = Σ/N`` and ``S = Σ/N`` of every layer seen, as numpy arrays."""
+        """The factors ``A = Σ/N`` and ``S = Σ/N`` of every entry seen, as numpy arrays, with the
+        coverage of the model's trainable parameters (an entry never used gets no factors and is
+        reported there)."""
         if self.num_examples == 0:
             raise OptionError("no examples were seen: the data is empty")
         result = {}
         for name, state in self.layers.items():
-            if state.A_sum is None or state.S_sum is None:
-                warnings.warn(f"layer {name} was not used in the forward pass: no factors", stacklevel=2)
+            if not _seen(state):
                 continue
-            result[name] = layer_factors(
-                state.module,
-                state.adapter,
-                _mean(state.A_sum, self.num_examples).cpu().numpy(),
-                _mean(state.S_sum, self.num_examples).cpu().numpy(),
+            A, S = state.mean(self.num_examples)
+            result[name] = layer_factors(state.module, state.adapter, A.cpu().numpy(), S.cpu().numpy())
+        coverage = self.coverage()
+        if not result:
+            raise LayerError(
+                f"no layer with K-FAC factors was used in the forward pass; {coverage.summary()}"
             )
         attrs = {"mc_samples": self.mc_samples} if self.fisher == "mc" else {}
         attrs.update(self.loss.to_attrs())
-        return FactorSet(result, fisher_type=self.fisher, num_examples=self.num_examples, attrs=attrs)
+        return FactorSet(
+            result, fisher_type=self.fisher, num_examples=self.num_examples, attrs=attrs, coverage=coverage
+        )
 
 
 def layer_factors(source: FactorSource, adapter: Any, A: np.ndarray, S: np.ndarray) -> LayerFactors:
@@ -458,21 +369,6 @@ def layer_factors(source: FactorSource, adapter: Any, A: np.ndarray, S: np.ndarr
     )
 
 
-def _mean(total: Tensor, count: int) -> Tensor:
-    """``total / count``, symmetrised for a dense factor (see :func:`_symmetric_mean`)."""
-    return total / count if total.dim() == 1 else _symmetric_mean(total, count)
-
-
-def _symmetric_mean(total: Tensor, count: int) -> Tensor:
-    """``(X + X^T) / (2 count)``: BLAS products ``x^T x`` in float32 are symmetric only to rounding."""
-    return (total + total.T) / (2 * count)
-
-
-def _add(total: Tensor | None, term: Tensor, dtype: torch.dtype) -> Tensor:
-    term = term.to(dtype)
-    return term if total is None else total.add_(term)
-
-
 class FactorSet(Mapping[str, LayerFactors]):
     """The captured factors: a read-only mapping from layer name (module path) to its factors."""
 
@@ -483,11 +379,14 @@ class FactorSet(Mapping[str, LayerFactors]):
         fisher_type: str,
         num_examples: int,
         attrs: dict[str, Any] | None = None,
+        coverage: Coverage | None = None,
     ) -> None:
         self._layers = dict(layers)
         self.fisher_type = fisher_type
         self.num_examples = num_examples
         self.attrs = dict(attrs or {})
+        #: which trainable parameters of the model the entries cover (``None``: not known)
+        self.coverage = coverage
 
     def __getitem__(self, name: str) -> LayerFactors:
         return self._layers[name]
@@ -519,6 +418,7 @@ class FactorSet(Mapping[str, LayerFactors]):
             factors=dict(self._layers),
             weights=None if weights is None else dict(weights),
             attrs=dict(self.attrs),
+            coverage=None if self.coverage is None else self.coverage.record(),
         )
 
 
@@ -534,16 +434,21 @@ def collect_factors(
     progress: bool = False,
     task: Task | None = None,
 ) -> FactorSet:
-    """K-FAC factors ``A`` and ``S`` of every Linear/Conv2d/Embedding layer of ``model`` over ``batches``.
+    """K-FAC factors ``A`` and ``S`` of every layer of ``model`` with factors, over ``batches``.
 
-    A weight tied between an Embedding and a Linear is one ``TiedEmbedding`` entry (docs/factors.md).
+    Linear, Conv1d/2d/3d, Embedding, the four projections of every MultiheadAttention and the affine
+    parameters of normalisation layers (:func:`select_layers`); a weight tied between an Embedding
+    and a Linear is one ``TiedEmbedding`` entry (docs/factors.md). Every trainable parameter without
+    factors is named, with the reason, in the result's ``coverage``, and a :class:`CoverageWarning`
+    (one line) is emitted when it is not 100 %. A model without any such layer, or whose forward pass
+    used none of them, is a :class:`~curvlab.errors.LayerError`.
 
     ``batches`` yields batches (e.g. a ``DataLoader``): ``(inputs, labels)`` pairs by default, split,
     fed to the model and read back by ``task`` (:class:`~curvlab.capture.task.Task`: tuple/dict inputs,
     dict or ``.logits`` outputs, and the loss — softmax cross-entropy by default, ``MeanSquaredError``,
     ``BinaryCrossEntropy``); every tensor is moved to the device of the model's parameters.
     ``fisher`` is ``"empirical"``, ``"mc"`` (``mc_samples`` labels per example, sampled with ``seed``)
-    or ``"exact"``; ``layers`` are fnmatch globs of module paths (default: all supported layers);
+    or ``"exact"``; ``layers`` are fnmatch globs of entry names or module paths (default: all);
     ``dtype`` is the accumulator precision. Returns a :class:`FactorSet` whose ``attrs`` record the loss.
 
     The Monte-Carlo labels of batch ``k`` are drawn with the seed ``(seed, k)``
@@ -560,13 +465,17 @@ def collect_factors(
     )
     ctx = distributed.context()
     with accumulator:
+        accumulator.check_model()
         for k, batch in distributed.my_batches(_progress(batches, progress and ctx.is_main), ctx):
             generator.manual_seed(distributed.batch_seed(seed, k))
             with batch_context(k):
                 inputs, labels = task.split_batch(batch)
                 accumulator.add_batch(task.move(inputs, device), task.move(labels, device))
     accumulator.reduce()
-    return accumulator.factors()
+    factors = accumulator.factors()
+    if not factors.coverage.complete:
+        warnings.warn(factors.coverage.summary(), CoverageWarning, stacklevel=2)
+    return factors
 
 
 def _progress(batches: Iterable, enabled: bool) -> Iterable:

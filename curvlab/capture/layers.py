@@ -11,9 +11,15 @@ preconditioning — is written once.
 * ``nn.Linear``, weight ``(m, n)``: an input of shape ``(B, n)`` has one location; an input of shape
   ``(B, T1, T2, ..., n)`` has ``T1*T2*...`` locations (tokens of a sequence, treated like the spatial
   locations of a convolution, the "expand" setting).
-* ``nn.Conv2d``, weight ``(c_out, c_in, kh, kw)`` with ``groups == 1``: the locations are the output
-  pixels, ``a_t`` is the unfolded input patch at pixel ``t`` (length ``c_in*kh*kw``, ordered like the
-  flattened weight) and ``g_t`` the output gradient there (seed eq. 15, Grosse & Martens 2016).
+* ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Conv3d``, weight ``(c_out, c_in, k_1, ..., k_N)`` with
+  ``groups == 1`` (:mod:`curvlab.capture.conv`): the locations are the output positions, ``a_t`` is the
+  unfolded input patch at ``t`` (length ``c_in*k_1*...*k_N``, ordered like the flattened weight) and
+  ``g_t`` the output gradient there (seed eq. 15, Grosse & Martens 2016).
+* ``nn.MultiheadAttention`` (:mod:`curvlab.capture.attention`): its q, k, v input projections (row
+  blocks of the packed ``in_proj_weight``, or the separate weights) and ``out_proj`` are four Linear
+  entries (:class:`ProjectionAdapter`), each on its own input.
+* The ``(γ, β)`` of ``LayerNorm``, ``RMSNorm``, ``GroupNorm``, affine ``InstanceNorm`` and eval-mode
+  ``BatchNorm`` (:mod:`curvlab.capture.norms`): exact per-channel Fisher blocks, a ``NormAffine`` entry.
 * ``nn.Embedding``, weight ``E`` of shape ``(V, d)``: the layer ``s = E^T a`` with ``a`` the one-hot
   token (so ``W = E^T``, ``m = d``, ``n = V``), one location per token. The one-hot inputs are never
   built: their second moment is diagonal, ``Σ_t a_t a_t^T = diag(token counts)``, and the adapter
@@ -25,19 +31,60 @@ preconditioning — is written once.
   ``docs/factors.md`` for how they are pooled.
 
 Each adapter also maps the layer's parameters to ``W`` and back (:meth:`LinearAdapter.to_matrix`,
-:meth:`LinearAdapter.from_matrix`), which the K-FAC optimizer uses to precondition gradients.
+:meth:`LinearAdapter.from_matrix`; :meth:`LinearAdapter.rows` says which rows of the Parameters an
+entry uses, all but for an attention projection), which the K-FAC optimizer uses to precondition
+gradients and the curvature cross-check to perturb weights.
 
 The bias is handled by augmenting ``a`` with a trailing 1 (the bias is the last column of ``W``); the
-adapters return ``a`` *without* that column, and :func:`augment` adds it where a caller needs it.
+adapters return ``a`` *without* that column, and :func:`augment` adds it where a caller needs it
+(:mod:`curvlab.capture.normal_form`). :func:`watch` hooks the module(s) of an entry; :func:`why_not`
+says why a module with trainable parameters gets no entry.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from curvlab.capture import attention as attention_math
+from curvlab.capture.attention import Projection
+from curvlab.capture.conv import CHUNK_BYTES, Conv2dAdapter, ConvAdapter
+from curvlab.capture.normal_form import (
+    augment,
+    output_moment_sum,
+    output_second_moment,
+    second_moment,
+    split_matrix,
+    weight_matrix,
+)
+from curvlab.capture.norms import NORM_TYPES, NormAdapter
+
+__all__ = [
+    "CHUNK_BYTES",
+    "Conv2dAdapter",
+    "ConvAdapter",
+    "EmbeddingAdapter",
+    "LinearAdapter",
+    "NormAdapter",
+    "Projection",
+    "ProjectionAdapter",
+    "TiedEmbeddingAdapter",
+    "TiedPair",
+    "adapter_for",
+    "augment",
+    "output_moment_sum",
+    "output_second_moment",
+    "second_moment",
+    "split_matrix",
+    "watch",
+    "weight_matrix",
+    "why_not",
+]
 
 
 @dataclass(frozen=True)
@@ -78,8 +125,12 @@ class LinearAdapter:
         return None
 
     def parameters(self, module: nn.Linear) -> tuple[Tensor, Tensor | None]:
-        """The tensors that make up ``W``: ``(weight, bias or None)``."""
+        """The Parameters that make up ``W``: ``(weight, bias or None)``."""
         return module.weight, module.bias
+
+    def rows(self, module: nn.Linear) -> tuple[slice | None, slice | None]:
+        """The rows of ``(weight, bias)`` that make up ``W`` (``None``: all)."""
+        return None, None
 
     def to_matrix(self, module: nn.Linear, weight: Tensor, bias: Tensor | None) -> Tensor:
         """``W = [weight | bias]`` (``m × n[+1]``) from weight-shaped and bias-shaped tensors."""
@@ -87,134 +138,7 @@ class LinearAdapter:
 
     def from_matrix(self, module: nn.Linear, matrix: Tensor) -> tuple[Tensor, Tensor | None]:
         """Inverse of :meth:`to_matrix`: ``(weight-shaped, bias-shaped or None)``."""
-        return _split_matrix(matrix, module.weight.shape, module.bias is not None)
-
-
-@dataclass(frozen=True)
-class Conv2dAdapter:
-    """``nn.Conv2d`` (``groups == 1``): unfolded patches, one location per output pixel (eq. 15).
-
-    Patches are cut from the padded input in channels-last layout, one strided view per kernel offset
-    ``k = (i, j)``, and concatenated: that gives them "offset-major" (feature ``k * c_in + c``), one
-    copy and cache-friendly. :meth:`inputs` reorders them to the weight's order ``c * (kh*kw) + k``;
-    :meth:`input_second_moment` instead permutes the small ``n × n`` result.
-    """
-
-    module_type: str = "Conv2d"
-    input_kind: str = "dense"
-
-    def _padded_channels_last(self, module: nn.Conv2d, x: Tensor) -> Tensor:
-        if isinstance(module.padding, str) or module.padding_mode != "zeros":
-            # padding="same"/"valid" or a non-zero padding mode: pad exactly as Conv2d does.
-            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-            x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
-        else:
-            ph, pw = module.padding
-            x = F.pad(x, (pw, pw, ph, ph))
-        return x.permute(0, 2, 3, 1).contiguous()
-
-    def _offset_major_patches(self, module: nn.Conv2d, padded: Tensor) -> Tensor:
-        """``[B, H_out*W_out, kh*kw*c_in]`` patches, feature ``k * c_in + c``, from channels-last input."""
-        (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
-        h_out = (padded.shape[1] - dh * (kh - 1) - 1) // sh + 1
-        w_out = (padded.shape[2] - dw * (kw - 1) - 1) // sw + 1
-        rows = [slice(i * dh, i * dh + sh * (h_out - 1) + 1, sh) for i in range(kh)]
-        cols = [slice(j * dw, j * dw + sw * (w_out - 1) + 1, sw) for j in range(kw)]
-        views = [padded[:, r, c] for r in rows for c in cols]
-        return torch.cat(views, dim=-1).reshape(padded.shape[0], h_out * w_out, -1)
-
-    def _weight_order(self, module: nn.Conv2d) -> Tensor:
-        """Index ``perm`` with ``weight_order_feature = offset_major_feature[perm]``."""
-        offsets = module.kernel_size[0] * module.kernel_size[1]
-        channel = torch.arange(module.in_channels).repeat_interleave(offsets)
-        offset = torch.arange(offsets).repeat(module.in_channels)
-        return offset * module.in_channels + channel
-
-    def inputs(self, module: nn.Conv2d, x: Tensor) -> Tensor:
-        """Unfolded patches ``[B, H_out*W_out, c_in*kh*kw]``, in the order of ``W.flatten(1)``."""
-        patches = self._offset_major_patches(module, self._padded_channels_last(module, x))
-        return patches[..., self._weight_order(module).to(patches.device)]
-
-    def inputs_any_order(self, module: nn.Conv2d, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Offset-major patches and ``order`` with ``inputs(module, x) = patches[..., order]``: one copy
-        fewer than :meth:`inputs`; a consumer permutes its small ``n × n`` matrices instead."""
-        patches = self._offset_major_patches(module, self._padded_channels_last(module, x))
-        return patches, self._weight_order(module).to(patches.device)
-
-    def per_example_gradients(self, module: nn.Conv2d, x: Tensor, grad_output: Tensor) -> Tensor:
-        """``G_n = Σ_t g_nt a_nt^T`` for every example, ``[B, m, n]`` in weight order (no bias column).
-
-        Taken from the convolution's own weight-gradient kernel, one example at a time under ``vmap``:
-        no unfolded patches are built (4× faster than patches and a batched product on a 16-channel
-        32×32 layer).
-        """
-        padding = module.padding
-        if isinstance(padding, str) or module.padding_mode != "zeros":
-            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-            x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
-            padding = 0
-        shape = module.weight.shape
-
-        def one(xi: Tensor, gi: Tensor) -> Tensor:
-            return torch.nn.grad.conv2d_weight(
-                xi[None], shape, gi[None], stride=module.stride, padding=padding, dilation=module.dilation
-            )
-
-        return torch.func.vmap(one)(x, grad_output).flatten(2)
-
-    def input_second_moment(self, module: nn.Conv2d, x: Tensor) -> Tensor:
-        """``Σ_{b,t} a a^T`` (bias-augmented), computed in chunks of examples of about 4 MiB of patches.
-
-        Chunking keeps each patch block in cache between the copy that makes it and the product that
-        uses it; the result is permuted from offset-major to weight order at the end.
-        """
-        padded = self._padded_channels_last(module, x)
-        has_bias = self.has_bias(module)
-        total = None
-        chunk = _examples_per_chunk(padded[:1], module)
-        for start in range(0, padded.shape[0], chunk):
-            patches = self._offset_major_patches(module, padded[start : start + chunk])
-            moment = second_moment(patches, has_bias)
-            total = moment if total is None else total.add_(moment)
-        order = self._weight_order(module).to(total.device)
-        if has_bias:
-            order = torch.cat([order, order.new_tensor([len(order)])])
-        return total[order][:, order]
-
-    def output_grads(self, module: nn.Conv2d, grad_output: Tensor) -> Tensor:
-        """``g`` as ``[B, H_out*W_out, c_out]``."""
-        return grad_output.flatten(2).transpose(1, 2)
-
-    def weight_shape(self, module: nn.Conv2d) -> tuple[int, ...]:
-        return tuple(module.weight.shape)
-
-    def has_bias(self, module: nn.Conv2d) -> bool:
-        return module.bias is not None
-
-    def supports(self, module: nn.Module) -> str | None:
-        if module.groups != 1:
-            return f"groups={module.groups} (only groups=1 is supported)"
-        return None
-
-    def parameters(self, module: nn.Conv2d) -> tuple[Tensor, Tensor | None]:
-        return module.weight, module.bias
-
-    def to_matrix(self, module: nn.Conv2d, weight: Tensor, bias: Tensor | None) -> Tensor:
-        """``W = [weight.flatten(1) | bias]`` (``c_out × (c_in·kh·kw)[+1]``)."""
-        return weight_matrix(module, weight, bias)
-
-    def from_matrix(self, module: nn.Conv2d, matrix: Tensor) -> tuple[Tensor, Tensor | None]:
-        return _split_matrix(matrix, module.weight.shape, module.bias is not None)
-
-
-CHUNK_BYTES = 4 * 2**20
-
-
-def _examples_per_chunk(one_example: Tensor, module: nn.Conv2d) -> int:
-    """How many examples' patches fit in :data:`CHUNK_BYTES` (at least one)."""
-    kh, kw = module.kernel_size
-    per_example = one_example.numel() * kh * kw * one_example.element_size()
-    return max(1, CHUNK_BYTES // max(per_example, 1))
+        return split_matrix(matrix, module.weight.shape, module.bias is not None)
 
 
 @dataclass(frozen=True)
@@ -278,6 +202,9 @@ class EmbeddingAdapter:
 
     def parameters(self, module: nn.Embedding) -> tuple[Tensor, Tensor | None]:
         return module.weight, None
+
+    def rows(self, module: nn.Embedding) -> tuple[slice | None, slice | None]:
+        return None, None
 
     def to_matrix(self, module: nn.Embedding, weight: Tensor, bias: Tensor | None) -> Tensor:
         """``W = E^T`` (``d × V``)."""
@@ -403,81 +330,118 @@ class TiedEmbeddingAdapter:
     def parameters(self, pair: TiedPair) -> tuple[Tensor, Tensor | None]:
         return pair.linear.weight, pair.linear.bias
 
+    def rows(self, pair: TiedPair) -> tuple[slice | None, slice | None]:
+        return None, None
+
     def to_matrix(self, pair: TiedPair, weight: Tensor, bias: Tensor | None) -> Tensor:
         return weight_matrix(pair.linear, weight, bias)
 
     def from_matrix(self, pair: TiedPair, matrix: Tensor) -> tuple[Tensor, Tensor | None]:
-        return _split_matrix(matrix, pair.linear.weight.shape, pair.linear.bias is not None)
+        return split_matrix(matrix, pair.linear.weight.shape, pair.linear.bias is not None)
 
 
-LayerAdapter = LinearAdapter | Conv2dAdapter | EmbeddingAdapter
+@dataclass(frozen=True)
+class ProjectionAdapter(LinearAdapter):
+    """One projection of an ``nn.MultiheadAttention`` (:class:`~curvlab.capture.attention.Projection`):
+    the Linear math on its own input, with ``W`` the projection's rows of the attention's Parameters."""
 
-_ADAPTERS: dict[type[nn.Module], LayerAdapter] = {
+    def weight_shape(self, p: Projection) -> tuple[int, ...]:
+        weight, _, _, _ = attention_math.projection_parameters(p)
+        return (p.attention.embed_dim, weight.shape[1])
+
+    def has_bias(self, p: Projection) -> bool:
+        return attention_math.projection_parameters(p)[2] is not None
+
+    def supports(self, p: Projection) -> str | None:
+        return attention_math.unsupported(p.attention)
+
+    def parameters(self, p: Projection) -> tuple[Tensor, Tensor | None]:
+        weight, _, bias, _ = attention_math.projection_parameters(p)
+        return weight, bias
+
+    def rows(self, p: Projection) -> tuple[slice | None, slice | None]:
+        _, weight_rows, _, bias_rows = attention_math.projection_parameters(p)
+        return weight_rows, bias_rows
+
+    def to_matrix(self, p: Projection, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return attention_math.to_matrix(p, weight, bias)
+
+    def from_matrix(self, p: Projection, matrix: Tensor) -> tuple[Tensor, Tensor | None]:
+        return attention_math.from_matrix(p, matrix)
+
+
+LayerAdapter = LinearAdapter | ConvAdapter | EmbeddingAdapter | NormAdapter | ProjectionAdapter
+
+_ADAPTERS: dict[type[nn.Module], Any] = {
     nn.Linear: LinearAdapter(),
-    nn.Conv2d: Conv2dAdapter(),
+    nn.Conv1d: ConvAdapter("Conv1d", 1),
+    nn.Conv2d: ConvAdapter("Conv2d", 2),
+    nn.Conv3d: ConvAdapter("Conv3d", 3),
     nn.Embedding: EmbeddingAdapter(),
+    **{norm: NormAdapter() for norm in NORM_TYPES},
 }
 
 
-def adapter_for(module: nn.Module) -> LayerAdapter | None:
-    """The adapter of a module's type (exact type or a subclass), or ``None`` if it has no factors."""
+def adapter_for(module: nn.Module | Projection | TiedPair) -> Any:
+    """The adapter of an entry's source: a module's type (exact type or a subclass), an attention
+    projection or a tied pair; ``None`` if it has no factors."""
+    if isinstance(module, Projection):
+        return ProjectionAdapter()
+    if isinstance(module, TiedPair):
+        return TiedEmbeddingAdapter()
     for module_class, adapter in _ADAPTERS.items():
         if isinstance(module, module_class):
             return adapter
     return None
 
 
-def augment(a: Tensor) -> Tensor:
-    """``a`` with a trailing 1 appended on its last axis: the input of the bias column of ``W``."""
-    return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+#: Module types with trainable parameters that are refused, and why (:func:`why_not`).
+_REFUSED: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.modules.conv._ConvTransposeNd, "a transposed convolution: no K-FAC adapter"),
+    (nn.RNNBase, "a recurrent layer (weights shared over time steps through a nonlinear recurrence): "
+                 "no K-FAC adapter"),
+    (nn.RNNCellBase, "a recurrent cell: no K-FAC adapter"),
+    (nn.Bilinear, "a bilinear layer (two inputs): no K-FAC adapter"),
+    (nn.EmbeddingBag, "an EmbeddingBag (bags of tokens are summed): no K-FAC adapter"),
+    (nn.PReLU, "a PReLU (a learned activation slope): no K-FAC adapter"),
+)
 
 
-def weight_matrix(module: nn.Module, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """The ``(m, n[+1])`` matrix ``W`` of design.md from a layer's weight (and bias) tensors."""
-    matrix = weight.reshape(weight.shape[0], -1)
-    if bias is not None:
-        matrix = torch.cat([matrix, bias.reshape(-1, 1)], dim=1)
-    return matrix
+def why_not(module: nn.Module) -> str:
+    """Why the trainable Parameters a module holds itself get no entry, when it has no adapter."""
+    for module_class, reason in _REFUSED:
+        if isinstance(module, module_class):
+            return f"{type(module).__name__}: {reason}"
+    return f"{type(module).__name__} uses this Parameter in its own forward: no K-FAC adapter"
 
 
-def _split_matrix(
-    matrix: Tensor, weight_shape: tuple[int, ...], has_bias: bool
-) -> tuple[Tensor, Tensor | None]:
-    """``(weight-shaped, bias-shaped or None)`` from ``W = [weight.flatten(1) | bias]``."""
-    if has_bias:
-        return matrix[:, :-1].reshape(weight_shape), matrix[:, -1]
-    return matrix.reshape(weight_shape), None
+def watch(
+    source: nn.Module | TiedPair | Projection,
+    on_use: Callable[[str, Tensor, Tensor], None],
+    active: Callable[[], bool],
+) -> list[Any]:
+    """Call ``on_use(role, input, output)`` for every use of an entry's source in a forward pass while
+    ``active()``; returns the handles to ``remove()``.
 
-
-def second_moment(a: Tensor, has_bias: bool) -> Tensor:
-    """``sum_{b,t} a_bt a_bt^T`` over a batch in normal form, with the bias augmentation.
-
-    The augmented sum is assembled from ``X^T X``, ``X^T 1`` and the location count, so the
-    ``[B, T, n+1]`` augmented copy of the inputs is never built.
+    A module is hooked (role ``"layer"``), both modules of a tied pair (``"linear"``, ``"embedding"``)
+    and, for an attention projection, the attention module's visible forward
+    (:func:`curvlab.capture.attention.tap`, role ``"q"``, ``"k"``, ``"v"`` or ``"out"``). ``input`` is
+    detached; ``output`` is the tensor the loss depends on.
     """
-    x = a.reshape(-1, a.shape[-1])
-    core = x.T @ x
-    if not has_bias:
-        return core
-    n = core.shape[0]
-    out = core.new_empty(n + 1, n + 1)
-    out[:n, :n] = core
-    column = x.sum(dim=0)
-    out[:n, n] = column
-    out[n, :n] = column
-    out[n, n] = x.shape[0]
-    return out
+    if isinstance(source, Projection):
 
+        def tapped(x: Tensor, output: Tensor, role: str = source.role) -> None:
+            on_use(role, x.detach(), output)
 
-def output_second_moment(g: Tensor) -> Tensor:
-    """``sum_b (1/T) sum_t g_bt g_bt^T`` over a batch in normal form (eq. 15's ``1/|I|``).
+        return [attention_math.tap(source.attention, source.role, tapped, active)]
+    targets = [(source.linear, "linear"), (source.embedding, "embedding")] if isinstance(source, TiedPair) \
+        else [(source, "layer")]
+    handles = []
+    for module, role in targets:
 
-    When ``g`` is the transposed view of a contiguous ``[B, m, T]`` gradient (a convolution), the
-    per-example products are batched matrix products on that layout, which avoids a transposed copy.
-    """
-    num_locations = g.shape[1]
-    channels_first = g.transpose(1, 2)
-    if num_locations > 1 and channels_first.is_contiguous():
-        return torch.bmm(channels_first, g).sum(dim=0) / num_locations
-    x = g.reshape(-1, g.shape[-1])
-    return (x.T @ x) / num_locations
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor, role: str = role) -> None:
+            if active():
+                on_use(role, inputs[0].detach(), output)
+
+        handles.append(module.register_forward_hook(hook))
+    return handles

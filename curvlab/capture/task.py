@@ -138,6 +138,26 @@ class Task:
         return value
 
 
+def batch_size(inputs: Any) -> int | None:
+    """The number of examples of a batch's inputs: the first dimension of its first tensor (through
+    tuples, lists, mappings and dataclasses, in order); ``None`` when it holds no tensor with one."""
+    if isinstance(inputs, Tensor):
+        return int(inputs.shape[0]) if inputs.dim() else None
+    if isinstance(inputs, Mapping):
+        values = list(inputs.values())
+    elif isinstance(inputs, (tuple, list)):
+        values = list(inputs)
+    elif dataclasses.is_dataclass(inputs) and not isinstance(inputs, type):
+        values = [getattr(inputs, f.name) for f in dataclasses.fields(inputs)]
+    else:
+        return None
+    for value in values:
+        size = batch_size(value)
+        if size is not None:
+            return size
+    return None
+
+
 def _describe(value: Any) -> str:
     if isinstance(value, Tensor):
         return f"a tensor of shape {tuple(value.shape)}"

@@ -1,18 +1,23 @@
 """``curvlab factors``: capture the K-FAC factors of a model on data and write one checkpoint step.
 
-Every Linear/Conv2d layer (and embedding) gets its input factor ``A = (1/N) Σ_n Σ_t a_nt a_nt^T`` and
-output factor ``S = (1/N) Σ_n (1/T) Σ_t g_nt g_nt^T``, so that ``F ≈ S ⊗ A`` (seed eqs. 13, 15;
-:mod:`curvlab.capture.factors`), with the gradients ``g`` of the chosen Fisher type (``--fisher``:
-empirical, mc or exact; :mod:`curvlab.capture.loss`). They are written with the model's weights and
-config as one complete checkpoint step (``--append``: added to an existing file, crash-safe). With
-``--weights CKPT [--step S]`` the model, its arguments, data and step default to the checkpoint's. Runs
-data-parallel under ``torchrun``; torch is imported only when the command runs.
+Every layer with factors (Linear, Conv1d/2d/3d, Embedding, attention projections) gets its input
+factor ``A = (1/N) Σ_n Σ_t a_nt a_nt^T`` and output factor ``S = (1/N) Σ_n (1/T) Σ_t g_nt g_nt^T``, so
+that ``F ≈ S ⊗ A`` (seed eqs. 13, 15; :mod:`curvlab.capture.factors`; a normalisation layer's affine
+parameters their exact per-channel Fisher blocks), with the gradients ``g`` of the chosen Fisher type
+(``--fisher``: empirical, mc or exact; :mod:`curvlab.capture.loss`). They are written with the
+model's weights and config as one complete checkpoint step (``--append``: added to an existing file,
+crash-safe), with the coverage of the model's trainable parameters: a one-line warning names what has
+no factors and why (``--strict``: an error, nothing written); ``--json`` gives it all under
+``"coverage"``. With ``--weights CKPT [--step S]`` the model, its arguments, data and step default to
+the checkpoint's. Runs data-parallel under ``torchrun``; torch is imported only when the command runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
+import warnings
 from typing import TYPE_CHECKING
 
 from curvlab.choices import DATA_SOURCES, DEVICE_CHOICES, FISHER_TYPES
@@ -28,9 +33,10 @@ from curvlab.commands.common import (
     _write,
     dump_json,
 )
-from curvlab.errors import ModelError, OptionError
+from curvlab.errors import LayerError, ModelError, OptionError
 
 if TYPE_CHECKING:
+    from curvlab.capture.coverage import Coverage
     from curvlab.io.restore import StepWeights
 
 
@@ -38,8 +44,10 @@ def _add_factors(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "factors",
         help="capture K-FAC factors of a model on data and write a checkpoint",
-        description="Capture the K-FAC factors A and S of every Linear/Conv2d layer (seed eqs. 13, 15) "
-        "and write them, with the model's weights and config, as one complete checkpoint step.",
+        description="Capture the K-FAC factors A and S of every layer with factors (Linear, Conv1d/2d/3d, "
+        "Embedding, MultiheadAttention projections, normalisation layers' affine parameters; seed eqs. "
+        "13, 15, 16) and write them, with the model's weights, config and coverage, as one complete "
+        "checkpoint step.",
     )
     _add_model_options(p, required=False, rebuild="default: the --weights checkpoint's model (a model built "
                        "by a factory needs --model naming it); required without --weights")
@@ -72,6 +80,10 @@ def _add_factors(commands: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT.h5")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--strict", action="store_true",
+        help="fail (exit 2, nothing written) unless every trainable parameter gets factors",
+    )
     p.set_defaults(handler=run_factors)
 
 
@@ -79,7 +91,7 @@ def run_factors(args: argparse.Namespace) -> int:
     import torch
 
     from curvlab import distributed
-    from curvlab.capture.factors import collect_factors, save_factors
+    from curvlab.capture.factors import CoverageWarning, collect_factors, save_factors
     from curvlab.capture.task import Task
     from curvlab.device import resolve_device
     from curvlab.io.data import iterate_batches
@@ -106,17 +118,20 @@ def run_factors(args: argparse.Namespace) -> int:
     model.to(device).eval()
     task = Task(_loss(args, model, source))
     distributed.barrier("checking the options")
-    factors = _on_data(data_spec, lambda: collect_factors(
-        model,
-        iterate_batches(data, args.batch_size),
-        fisher=args.fisher,
-        mc_samples=args.mc_samples,
-        layers=args.layers,
-        dtype=getattr(torch, args.dtype),
-        seed=args.seed,
-        progress=not args.quiet,
-        task=task,
-    ))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CoverageWarning)  # reported below, once, on one line
+        factors = _on_data(data_spec, lambda: collect_factors(
+            model,
+            iterate_batches(data, args.batch_size),
+            fisher=args.fisher,
+            mc_samples=args.mc_samples,
+            layers=args.layers,
+            dtype=getattr(torch, args.dtype),
+            seed=args.seed,
+            progress=not args.quiet,
+            task=task,
+        ))
+    _report_coverage(factors.coverage, args.strict, ctx.is_main)
     if not ctx.is_main:
         return 0
     from curvlab.models import config_of
@@ -144,6 +159,7 @@ def run_factors(args: argparse.Namespace) -> int:
         "loss_options": task.loss.options(),
         "device": str(device),
         **factors.to_json(),
+        "coverage": factors.coverage.to_json(),
     }
     if args.json:
         print(dump_json(summary))
@@ -154,6 +170,18 @@ def run_factors(args: argparse.Namespace) -> int:
             f"loss={task.loss.describe()}"
         )
     return 0
+
+
+def _report_coverage(coverage: Coverage, strict: bool, main: bool) -> None:
+    """Below 100 %: one line ``curvlab: warning: coverage ...`` on stderr, or with ``--strict`` a
+    :class:`~curvlab.errors.LayerError` (exit 2) before anything is written."""
+    if coverage.complete:
+        return
+    if strict:
+        raise LayerError(f"--strict: {coverage.summary(limit=5)}")
+    if main:
+        print(f"curvlab: warning: {coverage.summary()}", file=sys.stderr)
+
 
 
 def _loss(args: argparse.Namespace, model, source: StepWeights | None):

@@ -108,6 +108,9 @@ def _format_fit(s: dict) -> str:
         f"{s['spectrum_decades']:.1f} decades, {'chosen by KS' if s['window_auto'] else 'given'}); "
         f"KS {s['ks']:.4f}, log-rank KS {s['ks_log_rank']:.4f}",
         f"  OLS on log(i - 1/2): s = {s['exponent_ols']:.4f} ± {s['ols_stderr']:.4f}",
+        f"  calibrated interval [{s['calibrated_low']:.4f}, {s['calibrated_high']:.4f}] (local exponent "
+        f"{s['local_exponents'][0]:.3f} .. {s['local_exponents'][1]:.3f} across the window); "
+        + ("a power law describes it" if s["power_law_supported"] else "NO single power law describes it"),
         f"  NQM's s = 1 inside the interval: {'yes' if s['nqm_in_ci'] else 'no'}; "
         f"preferred model (AIC): {s['preferred_model']}",
     ]

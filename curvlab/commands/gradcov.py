@@ -244,20 +244,41 @@ def _checkpoint_layers(path: str, step: int) -> dict[str, str]:
 def _write_ekfac(args: argparse.Namespace, source, bases, result, fisher: str, attrs: dict) -> None:
     """The EKFAC file (curvlab/io/ekfac.py): the bases used and the chosen second moments in them."""
     from curvlab.io.checkpoint import CheckpointReader
-    from curvlab.io.ekfac import EKFACLayer, permutation_of, write_ekfac
+    from curvlab.io.ekfac import write_ekfac
 
     layers = {}
     with CheckpointReader(args.checkpoint) as reader:
         for name, basis in bases.items():
-            module_type, weight_shape, has_bias = reader.layer_meta(source.step, name)
             stats = result.layers[name]
             values = stats.second_moment if fisher == "empirical" else stats.curvature
-            q_s, q_a = basis.Q_S.double().cpu().numpy(), basis.Q_A.double().cpu().numpy()
-            s_order, a_order = permutation_of(q_s), permutation_of(q_a)
-            layers[name] = EKFACLayer(
-                module_type, weight_shape, has_bias, values.clip(min=0),
-                basis.eigenvalues_S.double().cpu().numpy(), basis.eigenvalues_A.double().cpu().numpy(),
-                None if s_order is not None else q_s, s_order, None if a_order is not None else q_a, a_order,
-            )
+            layers[name] = _ekfac_layer(reader.layer_meta(source.step, name), basis, values.clip(min=0))
     write_ekfac(args.ekfac, source.step, layers, fisher_type=fisher, num_examples=stats.num_examples,
                 attrs=attrs, model_name=source.model_name, model_config=source.config)
+
+
+def _ekfac_layer(meta: tuple, basis, values):
+    """One layer of the EKFAC file from gradcov's :class:`~curvlab.analysis.basis.LayerBasis` and the
+    ``m × n`` second moments in its directions: a diagonal factor's basis as a permutation (never
+    ``V × V``), a ``NormAffine`` entry's blocks with their columns sorted by eigenvalue (``A_order``,
+    docs/format.md)."""
+    import numpy as np
+
+    from curvlab.io.ekfac import EKFACLayer, permutation_of
+
+    module_type, weight_shape, has_bias = meta
+    eig_s = basis.eigenvalues_S.double().cpu().numpy()
+    eig_a = basis.eigenvalues_A.double().cpu().numpy()
+    if basis.order_S is not None:
+        q_s, s_order = None, basis.order_S.cpu().numpy().astype(np.int64)
+    else:
+        q_s = basis.Q_S.double().cpu().numpy()
+        s_order = permutation_of(q_s)
+        q_s = None if s_order is not None else q_s
+    q_a = basis.Q_A.double().cpu().numpy()
+    if basis.blocks:  # gradcov's columns are in block order c·k + j: sort them as the file wants
+        a_order = np.argsort(eig_a, kind="stable").astype(np.int64)
+        eig_a, values = eig_a[a_order], values[:, a_order]
+    else:
+        a_order = permutation_of(q_a)
+        q_a = None if a_order is not None else q_a
+    return EKFACLayer(module_type, weight_shape, has_bias, values, eig_s, eig_a, q_s, s_order, q_a, a_order)

@@ -29,7 +29,7 @@ _TRAIN_FIELDS = (
     "model", "data", "examples", "optimizer", "steps", "batch_size", "lr", "schedule", "decay_steps",
     "final_lr_factor", "momentum", "beta2", "eps", "weight_decay", "damping", "kl_clip", "factor_decay",
     "factor_update_every", "inverse_update_every", "fisher", "mc_samples", "loss", "ignore_index",
-    "label_smoothing", "factor_examples", "save_every", "save_steps", "seed",
+    "label_smoothing", "factor_examples", "save_every", "save_steps", "seed", "augment", "augment_padding",
 )
 
 
@@ -83,7 +83,12 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--save-steps", type=_step_list, default=None, metavar="LIST",
                    help="extra steps to save, e.g. 10,20,50 (default: none)")
     p.add_argument("--seed", type=_nonnegative_int, default=None,
-                   help="init, data order, mc labels (default: 0)")
+                   help="init, data order, mc labels, augmentation (default: 0)")
+    p.add_argument("--augment", default=None, metavar="LIST",
+                   help="image augmentation of the training batches (seed F.1): crop (random crop with "
+                   "padding), flip (horizontal; not for digits), comma-separated, or none (default)")
+    p.add_argument("--augment-padding", type=_positive_int, default=None, metavar="P",
+                   help="crop padding in pixels (default: an eighth of the image side, at least 1)")
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto: cuda if a GPU is visible")
     p.add_argument("-o", "--output", required=True, metavar="RUN/", help="the run folder")
     p.add_argument("--resume", action="store_true", help="continue RUN/ from its last complete step")

@@ -7,14 +7,17 @@ gradients' second moments); ``curvlab spectrum`` and ``curvlab fit`` read them a
 :meth:`curvlab.analysis.operators.EKFACOperator.from_file` as an operator. The layout (docs/format.md,
 "EKFAC files")::
 
-    /                               attrs: format = "curvlab.ekfac", format_version = 1, source, data
+    /                               attrs: format = "curvlab.ekfac", format_version = 2, source, data
     /model                          (optional) attrs: name, config — copied from the checkpoint
     /steps/<step>                   attrs: step, complete (written last), fisher_type, num_examples
     /steps/<step>/layers/<layer>    attrs: module_type, weight_shape, has_bias
         eigenvalues                 (m, n) float64 >= 0: Λ[i, j] along Q_S[:, i] Q_A[:, j]^T
         S_eigenvalues, A_eigenvalues   (m,), (n,) float64: K-FAC's factor eigenvalues, ascending
         S_eigenvectors | S_order    (m, m) float64 columns, or (m,) int64 with Q_S = I[:, order]
-        A_eigenvectors | A_order    the same for A
+        A_eigenvectors | A_order    the same for A; a NormAffine entry's blocks A (version 2) has both:
+                                    (C, k, k) float64 (each block's eigenvectors in its columns) and
+                                    (n,) int64, n = C·k: column i of Q_A is eigenvector order[i] % k
+                                    of block order[i] // k (as the spectrum file's F_order)
 
 Reading validates every shape against the layer's ``weight_shape`` before any data is read (so a
 hostile file cannot make the reader allocate more than the layer's own size), and refuses non-finite or
@@ -38,7 +41,7 @@ from curvlab.io import hdf5
 from curvlab.limits import ReadBudget
 
 EKFAC_FORMAT = "curvlab.ekfac"
-EKFAC_FORMAT_VERSION = 1
+EKFAC_FORMAT_VERSION = 2  # 2: NormAffine entries (blocks A); version 1 files are still read
 
 
 @dataclass
@@ -113,13 +116,11 @@ def write_ekfac(
                     data=np.asarray(getattr(layer, f"{which}_eigenvalues"), dtype=np.float64),
                 )
                 order = getattr(layer, f"{which}_order")
+                vectors = getattr(layer, f"{which}_eigenvectors")
                 if order is not None:
                     h.create_dataset(f"{which}_order", data=np.asarray(order, dtype=np.int64))
-                else:
-                    h.create_dataset(
-                        f"{which}_eigenvectors",
-                        data=np.asarray(getattr(layer, f"{which}_eigenvectors"), dtype=np.float64),
-                    )
+                if vectors is not None:  # with an order too: a blocks factor's (C, k, k) eigenvectors
+                    h.create_dataset(f"{which}_eigenvectors", data=np.asarray(vectors, dtype=np.float64))
         f.flush()
         g.attrs["complete"] = np.bool_(True)
 
@@ -172,19 +173,29 @@ def _dataset(h: h5py.Group, key: str, shape: tuple[int, ...], kind: str, at: str
     return arr
 
 
-def _basis(h: h5py.Group, which: str, size: int, at: str,
-           budget: ReadBudget) -> tuple[np.ndarray | None, np.ndarray | None]:
-    if f"{which}_order" in h:
+def _basis(
+    h: h5py.Group, which: str, size: int, at: str, budget: ReadBudget, block: int | None = None
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(eigenvectors, order)`` of one side: dense ``(size, size)``, a permutation ``order``, or, with
+    ``block = k`` (a blocks factor), ``(size / k, k, k)`` blocks and ``order`` (module docstring).
+    Every dataset is read through :func:`_dataset` (declared shape and storage checked first)."""
+    order = None
+    if _member(h, f"{which}_order", at) is not None or block is not None:
         order = _dataset(h, f"{which}_order", (size,), "iu", at, budget).astype(np.int64)
         if not np.array_equal(np.sort(order), np.arange(size)):
             raise CheckpointError(f"{at}: {which}_order is not a permutation of 0..{size - 1}")
-        return None, order
-    return _dataset(h, f"{which}_eigenvectors", (size, size), "f", at, budget).astype(np.float64), None
+        if block is None:
+            return None, order
+        shape = (size // block, block, block)
+    else:
+        shape = (size, size)
+    return _dataset(h, f"{which}_eigenvectors", shape, "f", at, budget).astype(np.float64), order
 
 
 def read_ekfac(path: str, step: int | str = "latest") -> EKFACStep:
     """One complete step of an EKFAC file, validated (module docstring)."""
     from curvlab.io.checkpoint import expected_factor_sizes
+    from curvlab.io.checkpoint.format import block_size
 
     f, budget = hdf5.open_file(path, CheckpointError)
     with f:
@@ -225,11 +236,16 @@ def read_ekfac(path: str, step: int | str = "latest") -> EKFACStep:
                     n, m = expected_factor_sizes(module_type, weight_shape, has_bias)
                 except CheckpointError as exc:
                     raise CheckpointError(f"{at}: {exc}") from None
+                k = block_size(module_type, has_bias)
+                if k is not None:  # a blocks A: C blocks of k x k, n = C·k directions on the A side
+                    if version < 2:
+                        raise CheckpointError(f"{at}: module_type {module_type} needs format_version 2")
+                    n *= k
                 values = _dataset(h, "eigenvalues", (m, n), "f", at, budget).astype(np.float64)
                 if (values < 0).any():
                     raise CheckpointError(f"{at}: eigenvalues must be >= 0")
                 s_vec, s_order = _basis(h, "S", m, at, budget)
-                a_vec, a_order = _basis(h, "A", n, at, budget)
+                a_vec, a_order = _basis(h, "A", n, at, budget, k)
                 layers[name] = EKFACLayer(
                     module_type,
                     weight_shape,

@@ -62,10 +62,14 @@ class TrainConfig:
     save_every: int | None = None
     save_steps: list[int] = field(default_factory=list)
     seed: int = 0
+    augment: list[str] = field(default_factory=list)
+    augment_padding: int | None = None
 
     def resolved(self) -> TrainConfig:
         """A copy with defaults that depend on other fields filled in (data, lr, decay_steps), checked."""
-        config = dataclasses.replace(self, model_args=dict(self.model_args), save_steps=list(self.save_steps))
+        config = dataclasses.replace(self, model_args=dict(self.model_args), save_steps=list(self.save_steps),
+                                     augment=list(self.augment) if not isinstance(self.augment, str)
+                                     else self.augment)
         if config.data is None:
             from curvlab.optim.train import default_data
 
@@ -75,6 +79,9 @@ class TrainConfig:
         if config.decay_steps is None:
             config.decay_steps = config.steps
         config.save_steps = sorted({int(s) for s in config.save_steps})
+        from curvlab.optim.augment import parse_augment
+
+        config.augment = parse_augment(config.augment)
         config.check()
         return config
 
@@ -110,6 +117,8 @@ class TrainConfig:
             _number("kl_clip", self.kl_clip, low=0.0, open_low=True)
         if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.save_steps):
             raise OptionError(f"--save-steps must be non-negative step numbers, got {self.save_steps}")
+        if self.augment_padding is not None:
+            _positive_int("augment_padding", self.augment_padding)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise OptionError(f"--seed must be a non-negative integer, got {self.seed!r}")
 

@@ -1,9 +1,10 @@
 """The K-FAC optimizer (Martens & Grosse 2015; Grosse & Martens 2016; Ba et al. 2017; seed eqs. 13-16).
 
-For every layer with Kronecker factors (:func:`curvlab.capture.factors.select_layers`: Linear, Conv2d,
-Embedding, and a tied embedding / pre-softmax weight) the gradient of the training loss, as the
-``m × n`` matrix ``G`` of design.md (bias as the last column; ``E^T`` for an Embedding, ``E`` for a tied
-weight), is preconditioned by the damped Kronecker-factored curvature::
+For every layer with Kronecker factors (:func:`curvlab.capture.factors.select_layers`: Linear,
+Conv1d/2d/3d, Embedding, a tied embedding / pre-softmax weight, the four projections of a
+MultiheadAttention) the gradient of the training loss, as the ``m × n`` matrix ``G`` of design.md (bias
+as the last column; ``E^T`` for an Embedding, ``E`` for a tied weight, an attention projection's rows of
+the packed ``in_proj_weight``), is preconditioned by the damped Kronecker-factored curvature::
 
     Δ = (S̃ + (√λ/π) I)^-1 G (A + π√λ I)^-1,      i.e.  vec Δ = ((S̃ + √λ/π I) ⊗ (A + π√λ I))^-1 vec G,
 
@@ -26,6 +27,13 @@ The inverse is taken through the eigendecompositions ``A = Q_A diag(α) Q_A^T``,
 
 A diagonal factor (an Embedding's ``A``, a tied weight's ``S``) is its own eigenvalues, ``Q = I``.
 
+The affine parameters of a normalisation layer (a ``NormAffine`` entry, :mod:`curvlab.capture.norms`)
+have exact per-channel Fisher blocks ``F_c`` (``k × k``, ``k = 2`` for ``(γ_c, β_c)``) instead of two
+factors; each block is inverted exactly with plain Tikhonov damping,
+``Δ_c = (F_c / T_loss + λ I)^-1 G_c``, through its eigendecomposition. Batch norm in training mode
+normalises with batch statistics, which couple the examples: its parameters take the plain gradient
+(as do parameters of layers without factors), and :meth:`KFAC.coverage` says so.
+
 The factors are exponential moving averages of per-batch estimates ``Â``, ``Ŝ`` taken every
 ``factor_update_every`` steps with the Fisher type ``fisher`` (Monte-Carlo labels sampled from the
 model by default): the first estimate initialises them, ``A ← Â``, and later ones update
@@ -41,7 +49,9 @@ KL clipping (Ba et al. 2017, §4): with learning rate ``η``, the preconditioned
 
 so that the second-order estimate of the KL divergence of the step, ``η² Σ_l ⟨Δ_l, G_l⟩``, stays at
 most ``κ``. Parameters without factors (norm layers, parameters of unsupported modules) take their
-plain gradient. Every parameter then follows SGD with momentum ``μ`` and weight decay ``w`` (PyTorch's
+plain gradient (a Parameter partly covered, like an attention's packed ``in_proj_weight`` when only
+some of its projections are selected, takes ``ν Δ`` on the covered rows and the gradient on the
+others). Every parameter then follows SGD with momentum ``μ`` and weight decay ``w`` (PyTorch's
 convention)::
 
     d = ν Δ (or the gradient) + w θ,      b ← μ b + d,      θ ← θ - η b.
@@ -71,6 +81,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from curvlab import distributed
+from curvlab.capture.coverage import Coverage, measure
 from curvlab.capture.factors import FactorAccumulator, FactorSet, layer_factors
 from curvlab.capture.task import Task, batch_context, default_task
 from curvlab.errors import CheckpointError, OptionError
@@ -110,9 +121,13 @@ class _Entry:
 
 
 def _eigh(factor: Tensor) -> tuple[Tensor, Tensor | None]:
-    """Eigenvalues (clamped at 0) and eigenvectors of a factor; a 1-D factor is its own eigenvalues."""
+    """Eigenvalues (clamped at 0) and eigenvectors of a factor; a 1-D factor is its own eigenvalues,
+    a blocks factor ``(C, k, k)`` gives ``(C, k)`` eigenvalues and ``(C, k, k)`` eigenvectors."""
     if factor.dim() == 1:
         return factor.clamp_min(0), None
+    if factor.dim() == 3:
+        values, vectors = torch.linalg.eigh((factor + factor.transpose(1, 2)) / 2)
+        return values.clamp_min(0), vectors
     try:
         values, vectors = torch.linalg.eigh(factor)
     except RuntimeError:  # ill-conditioned: retry with a relative jitter on the diagonal
@@ -225,7 +240,7 @@ class KFAC:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.accumulator = FactorAccumulator(
             model, fisher=fisher, mc_samples=mc_samples, layers=layers, dtype=factor_dtype,
-            generator=self.generator, task=self.task,
+            generator=self.generator, task=self.task, batch_norm="skip",
         )
         self.entries = self._make_entries()
         self.params = _unique_trainable(model)
@@ -386,10 +401,16 @@ class KFAC:
         return damping_ratio(entry.eA, entry.eS / self.loss_locations)
 
     def precondition(self, name: str, G: Tensor) -> Tensor:
-        """``(S̃ + √λ/π I)^-1 G (A + π√λ I)^-1`` through the eigenbases of layer ``name``."""
+        """``(S̃ + √λ/π I)^-1 G (A + π√λ I)^-1`` through the eigenbases of layer ``name``; for a
+        ``NormAffine`` entry ``(F_c / T_loss + λ I)^-1 G_c`` channel by channel."""
         entry = self.entries[name]
         if entry.eA is None:
             raise OptionError(f"layer {name}: no factors yet (no factor update has been made)")
+        if entry.QA is not None and entry.QA.dim() == 3:
+            blocks = G.reshape(entry.QA.shape[0], -1)
+            v = torch.einsum("cji,cj->ci", entry.QA, blocks)
+            v = v / (float(entry.eS[0]) * entry.eA / self.loss_locations + self.damping)
+            return torch.einsum("cij,cj->ci", entry.QA, v).reshape(G.shape)
         damped_s, damped_a = factored_damping(entry.eS / self.loss_locations, entry.eA, self.damping)
         v = G if entry.QS is None else entry.QS.T @ G
         v = v if entry.QA is None else v @ entry.QA
@@ -415,10 +436,21 @@ class KFAC:
         updates: dict[int, Tensor] = {}
         for name, delta in deltas.items():
             entry = self.entries[name]
-            weight_update, bias_update = entry.adapter.from_matrix(entry.source, delta * nu)
-            updates[id(entry.weight)] = weight_update.to(entry.weight.dtype)
-            if entry.bias is not None:
-                updates[id(entry.bias)] = bias_update.to(entry.bias.dtype)
+            pieces = entry.adapter.from_matrix(entry.source, delta * nu)
+            rows = entry.adapter.rows(entry.source)
+            for param, part, piece in zip((entry.weight, entry.bias), rows, pieces, strict=True):
+                if param is None:
+                    continue
+                if part is None:
+                    updates[id(param)] = piece.reshape(param.shape).to(param.dtype)
+                    continue
+                # a Parameter shared by several entries (an attention's packed projections): its rows
+                # without an entry keep the plain gradient
+                update = updates.get(id(param))
+                if update is None:
+                    grad = param.grad if param.grad is not None else torch.zeros_like(param)
+                    update = updates[id(param)] = grad.detach().clone()
+                update[part] = piece.to(update.dtype)
         return updates
 
     def _apply(self, updates: Mapping[int, Tensor]) -> None:
@@ -489,7 +521,17 @@ class KFAC:
             attrs["mc_samples"] = self.mc_samples
         if self.kl_clip is not None:
             attrs["kl_clip"] = self.kl_clip
-        return FactorSet(layers, fisher_type=self.fisher, num_examples=self.num_factor_examples, attrs=attrs)
+        return FactorSet(layers, fisher_type=self.fisher, num_examples=self.num_factor_examples, attrs=attrs,
+                         coverage=self.coverage())
+
+    def coverage(self) -> Coverage:
+        """Which trainable parameters are preconditioned: those of the entries with running factors
+        (the others take plain gradient steps; :mod:`curvlab.capture.coverage` says why)."""
+        extra = {name: state.skipped or getattr(state, "coupled", None)
+                 for name, state in self.accumulator.layers.items()
+                 if state.skipped or getattr(state, "coupled", None)}
+        used = {name for name, entry in self.entries.items() if entry.A is not None}
+        return measure(self.model, self.accumulator.plan, used, extra)
 
     # ------------------------------------------------------------------------------ state
 
@@ -548,19 +590,21 @@ class KFAC:
     def _check_shapes(self, name: str, entry: _Entry) -> None:
         G = entry.adapter.to_matrix(entry.source, entry.weight, entry.bias)
         m, n = G.shape
-        kinds = {1: "diagonal", 2: "dense"}
+        kinds = {1: "diagonal", 2: "dense", 3: "blocks"}
         expected = (entry.adapter.input_kind, getattr(entry.adapter, "output_kind", "dense"))
         if (kinds.get(entry.A.dim()), kinds.get(entry.S.dim())) != expected:
             raise CheckpointError(f"K-FAC state: layer {name}: factor kinds do not fit {expected}")
-        if entry.A.shape[0] != n or entry.S.shape[0] != m:
+        size_a = entry.A.shape[0] * (entry.A.shape[1] if entry.A.dim() == 3 else 1)
+        square = entry.A.dim() < 3 or entry.A.shape[1] == entry.A.shape[2]
+        if size_a != n or entry.S.shape[0] != m or not square:
             raise CheckpointError(
-                f"K-FAC state: layer {name}: factors of sizes {entry.A.shape[0]}, {entry.S.shape[0]} do not "
+                f"K-FAC state: layer {name}: factors of sizes {size_a}, {entry.S.shape[0]} do not "
                 f"fit the layer's {n}, {m}"
             )
 
 
 def _symmetric(x: Tensor) -> Tensor:
-    return x if x.dim() == 1 else (x + x.T) / 2
+    return x if x.dim() == 1 else (x + x.transpose(-1, -2)) / 2
 
 
 def _unique_trainable(model: nn.Module) -> list[nn.Parameter]:

@@ -57,6 +57,7 @@ from curvlab.errors import CheckpointError, CurvlabError, OptionError
 from curvlab.io.atomic import atomic_output, remove_quietly
 from curvlab.io.checkpoint import append_step
 from curvlab.limits import check_regular_file, check_size
+from curvlab.optim.augment import Augmenter, black_level, check_augment, default_padding
 from curvlab.optim.batches import BatchOrder, loss_scale, shard
 from curvlab.optim.config import DEFAULT_LR as DEFAULT_LR
 from curvlab.optim.config import OPTIMIZERS, SCHEDULES, TrainConfig
@@ -143,6 +144,7 @@ class _Run:
     task: Task = field(default_factory=Task)
     ctx: distributed.Context = field(default_factory=distributed.Context)
     elapsed: float = 0.0
+    augmenter: Augmenter | None = None
 
     @property
     def checkpoint(self) -> str:
@@ -206,7 +208,8 @@ def _build(config: TrainConfig, run_dir: str, device: torch.device, data: Any = 
     factor_count = min(config.factor_examples, len(data))
     factor_data = dataclasses.replace(data, x=data.x[:factor_count], y=data.y[:factor_count])
     optimizer = make_optimizer(config, model, _data_parallel(model, device, ctx), task)
-    return _Run(config, run_dir, model, optimizer, data, factor_data, described, device, task, ctx)
+    return _Run(config, run_dir, model, optimizer, data, factor_data, described, device, task, ctx,
+                augmenter=_augmenter(config, data))
 
 
 def training_label_smoothing(config: TrainConfig, model: nn.Module) -> float:
@@ -214,6 +217,16 @@ def training_label_smoothing(config: TrainConfig, model: nn.Module) -> float:
     if config.label_smoothing is not None:
         return float(config.label_smoothing)
     return float(getattr(model, "label_smoothing", 0.0) or 0.0) if config.loss == "cross-entropy" else 0.0
+
+
+def _augmenter(config: TrainConfig, data: Any) -> Augmenter | None:
+    """The run's data augmentation (:mod:`curvlab.optim.augment`), or None."""
+    check_augment(config.augment, config.data, data.input_shape)
+    if not config.augment:
+        return None
+    channels, height, width = data.input_shape
+    padding = config.augment_padding or default_padding(height, width)
+    return Augmenter(config.augment, padding, black_level(config.data, channels), config.seed)
 
 
 def _data_parallel(model: nn.Module, device: torch.device, ctx: distributed.Context) -> nn.Module:
@@ -469,7 +482,10 @@ def updates(run: _Run, start: int = 0) -> Iterator[tuple[int, float, float]]:
         lr = learning_rate(config, t)
         run.optimizer.lr = lr
         index = order.indices(t)[offset : offset + count]
-        inputs, labels = run.data.x[index].to(run.device), run.data.y[index].to(run.device)
+        inputs, labels = run.data.x[index], run.data.y[index]
+        if run.augmenter is not None:
+            inputs = run.augmenter(inputs, t, (offset, config.batch_size))
+        inputs, labels = inputs.to(run.device), labels.to(run.device)
         with _collective(run, f"step {t + 1}"):
             loss = run.optimizer.train_step(inputs, labels, run.loss_fn, rows=(offset, config.batch_size))
         loss = _batch_loss(loss, run.ctx, f"step {t + 1}: adding up the batch loss")

@@ -24,7 +24,7 @@ def _mode_note(ax, data: dict) -> None:
 
 def plot_fig11(data: dict) -> Figure:
     """Red: momentum's convergence term; blue: plain SGD at the effective rate; vs 1 − β (log x)."""
-    fig, ax = new_figure(5.6, 3.8)
+    fig, ax = new_figure(7.0, 3.8)
     x = _arr(data["one_minus_beta"])
     for i, t in enumerate(data["steps"]):
         ax.plot(x, _arr(data["momentum"][i]), color="tab:red", lw=1.6, label="momentum" if i == 0 else None)
@@ -37,7 +37,7 @@ def plot_fig11(data: dict) -> Figure:
     ax.set_xlabel("1 − β")
     ax.set_ylabel("first term of eq. (6), normalised")
     ax.set_title(f"Convergence: momentum vs SGD at the effective rate (αh = {data['alpha_h']:g})", fontsize=9)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, frameon=False)
     return fig
 
 

@@ -57,7 +57,7 @@ def plot_eigenvalue_density(
     """
     by_step = _by_step(spectra)
     positive = {s: k for s, k in by_step.items() if k.num_positive}
-    fig, ax = new_figure(5.6, 3.8)
+    fig, ax = new_figure(7.2, 3.8)
     if positive:
         low = min(k.min_positive() for k in positive.values())
         high = max(k.max() for k in positive.values())
@@ -76,13 +76,13 @@ def plot_eigenvalue_density(
             ax.plot(centres, density, color=colour, lw=1.6, marker="o", ms=2.5, label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    if positive:  # a decade below the lowest point, and headroom above the highest for the legend
-        ax.set_ylim(low / 3, peak * 10 ** (0.4 + 0.25 * len(positive)))
+    if positive:  # a little room below the lowest point and above the highest
+        ax.set_ylim(low / 3, peak * 3)
     ax.set_xlabel("eigenvalue λ of the K-FAC Fisher")
     ax.set_ylabel("density (fraction per decade of λ)")
     total = max((k.count for k in by_step.values()), default=0)
     ax.set_title(title or f"K-FAC eigenspectrum ({total:,} eigenvalues)")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, fontsize=8, frameon=False)
     save_figure(fig, path)
 
 

@@ -35,6 +35,9 @@ from curvlab.errors import OptionError
 if TYPE_CHECKING:
     from curvlab.analysis.spectrum import KroneckerSpectrum
 
+#: A power law describes the window's spectrum when its local exponent changes by at most this fraction
+#: of the exponent across the window (log-quadratic model; docs/powerlaw.md, "Calibrated interval").
+CURVATURE_TOLERANCE = 0.2
 #: Spectra with at most this many products are fitted on all their values, larger ones on the grid.
 FULL_DATA_LIMIT = 20_000_000
 #: Grid ratio of the thinned path (values computed by ``values_at_ranks``, ~2400 points for 1e9
@@ -145,6 +148,11 @@ def _fit_gaps(
     s_ols, se_ols = _ols_points(gaps, a, b, L_all)
     models, preferred = _fit_models(gaps, a, b, s_hat)
     power = next(m for m in models if m.name == "power_law")
+    curved = next(m for m in models if m.name == "log_quadratic")
+    local = (float(curved.params["s_at_k_lo"]), float(curved.params["s_at_k_hi"]))
+    if not all(math.isfinite(v) for v in local):
+        local = (s_hat, s_hat)
+    supported = abs(local[1] - local[0]) <= CURVATURE_TOLERANCE * s_hat
     return RankLawFit(
         exponent=s_hat,
         ci_low=float(lo),
@@ -170,6 +178,10 @@ def _fit_gaps(
         preferred_model=preferred,
         ranks=gaps.r.copy(),
         values=np.exp(gaps.L),
+        calibrated_low=float(min(lo, *local)),
+        calibrated_high=float(max(hi, *local)),
+        local_exponents=local,
+        power_law_supported=bool(supported),
     )
 
 

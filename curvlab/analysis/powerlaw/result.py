@@ -67,6 +67,12 @@ class RankLawFit:
     ``exponent_ols`` and ``ols_stderr`` the OLS cross-check; ``n`` the number of values (zeros
     included), ``n_fit`` those above ``floor``; ``method`` is ``"full"`` (every value) or ``"grid"``
     (values at grid ranks only). ``ranks``/``values`` hold the grid points, for plotting.
+    ``(calibrated_low, calibrated_high)``: the interval that covers both the sampling noise (the χ²
+    interval) and the spread of the spectrum's local exponent over the window (``local_exponents``, the
+    log-quadratic model's at ``k_lo`` and ``k_hi``), whose coverage was measured by simulation
+    (:mod:`.calibration`, docs/powerlaw.md); ``power_law_supported`` is False when that local exponent
+    changes by more than :data:`~curvlab.analysis.powerlaw.fit.CURVATURE_TOLERANCE` of ``ŝ`` across the
+    window: the data then support no single power law.
     """
 
     exponent: float
@@ -93,6 +99,10 @@ class RankLawFit:
     preferred_model: str
     ranks: np.ndarray = field(repr=False, compare=False)
     values: np.ndarray = field(repr=False, compare=False)
+    calibrated_low: float = math.nan
+    calibrated_high: float = math.nan
+    local_exponents: tuple[float, float] = (math.nan, math.nan)
+    power_law_supported: bool = True
 
     @property
     def k_lo(self) -> int:
@@ -150,6 +160,11 @@ class RankLawFit:
             "method": self.method,
             "dof": _num(self.dof),
             "nqm_in_ci": bool(self.ci_low <= 1.0 <= self.ci_high),
+            "calibrated_low": _num(self.calibrated_low),
+            "calibrated_high": _num(self.calibrated_high),
+            "nqm_in_calibrated": bool(self.calibrated_low <= 1.0 <= self.calibrated_high),
+            "local_exponents": [_num(v) for v in self.local_exponents],
+            "power_law_supported": self.power_law_supported,
             "preferred_model": self.preferred_model,
             "models": [m.to_json() for m in self.models],
         }

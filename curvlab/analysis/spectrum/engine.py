@@ -9,8 +9,13 @@ symmetrised, ``(X + X^T) / 2``, and decomposed with ``torch.linalg.eigh`` (ascen
 ``X = Q diag(λ) Q^T``), equal-size factors stacked into one batched call (:class:`_Batcher`), on the
 CPU or a GPU. A diagonal factor needs no decomposition: its eigenvalues are its sorted entries and
 its eigenvectors a permuted identity, stored as the permutation ``order`` (``λ[k] = d[order[k]]``,
-``Q[:, k] = e_{order[k]}``). A failed decomposition (non-convergence, a cuSOLVER error, out of
-memory, non-finite output) is retried in float64, then on the CPU, and the retries are reported.
+``Q[:, k] = e_{order[k]}``). A blocks factor ``(C, k, k)`` (the exact per-channel Fisher blocks of a
+``NormAffine`` entry, whose ``S`` is ``[1]``) is decomposed block by block in float64 on the CPU
+(numpy's batched ``eigh``; the blocks are ``1 × 1`` or ``2 × 2``): its eigenvalues are those of all
+blocks, sorted, with ``order`` the flat index ``c·k + j`` of each (eigenvalue ``j`` of block ``c``) and
+the eigenvectors the ``(C, k, k)`` blocks' own. A failed decomposition (non-convergence, a cuSOLVER
+error, out of memory, non-finite output) is retried in float64, then on the CPU, and the retries are
+reported.
 Round-off makes the smallest eigenvalues of a rank-deficient factor slightly negative: those within
 the tolerance of :func:`negative_tolerance` are clipped to 0 and counted; a clearly negative one
 is a :class:`~curvlab.errors.CheckpointError` naming file, step, layer and factor. Eigenvalues of a
@@ -102,7 +107,9 @@ class FactorEig:
     (below ``resolution * λ_max``, :func:`solver_resolution`), both set to 0. A dense factor has
     ``eigenvectors`` ``Q`` (columns, in the dtype the decomposition ran in; ``None`` when vectors
     were not asked for). A diagonal factor ``d`` has ``order``, the permutation with
-    ``λ[k] = d[order[k]]`` (``Q[:, k] = e_{order[k]}``).
+    ``λ[k] = d[order[k]]`` (``Q[:, k] = e_{order[k]}``). A blocks factor ``(C, b, b)`` has
+    ``eigenvectors`` ``(C, b, b)`` (block ``c``'s in its columns, ascending) and ``order``, the flat
+    index ``c·b + j`` of each sorted eigenvalue (eigenvalue ``j`` of block ``c``).
     ``dtype`` and ``device`` say where the decomposition finally ran, ``retries`` what failed first.
     """
 
@@ -123,10 +130,19 @@ class FactorEig:
         return int(self.eigenvalues.shape[0])
 
     def eigenvector_matrix(self) -> np.ndarray:
-        """``Q`` as a dense matrix (a permuted identity for a diagonal factor)."""
+        """``Q`` as a dense matrix (a permuted identity for a diagonal factor, a column-permuted
+        block-diagonal matrix for a blocks factor)."""
         if self.kind == "diagonal":
             q = np.zeros((self.size, self.size))
             q[self.order, np.arange(self.size)] = 1.0
+            return q
+        if self.kind == "blocks":
+            blocks = self.eigenvectors
+            b = blocks.shape[1]
+            q = np.zeros((self.size, self.size))
+            for column, flat in enumerate(self.order):
+                c, j = divmod(int(flat), b)
+                q[c * b : (c + 1) * b, column] = blocks[c, :, j]
             return q
         if self.eigenvectors is None:
             raise ValueError("the eigenvectors were not computed (vectors=False)")
@@ -256,12 +272,14 @@ class _Cleaned:
 
 
 def _clip(
-    vals: np.ndarray, kind: str, dtype: str | None, *, path: object, step: object, layer: object, which: str
+    vals: np.ndarray, kind: str, dtype: str | None, *, path: object, step: object, layer: object, which: str,
+    n: int | None = None,
 ) -> _Cleaned:
     """Eigenvalues in ``[-tol * λ_max, 0)`` (clipped) and, for a dense factor decomposed in ``dtype``,
     in ``(0, resolution * λ_max]`` (unresolved) set to 0; one below ``-tol * λ_max`` is a
-    CheckpointError naming the factor."""
-    n = vals.shape[0]
+    CheckpointError naming the factor. ``n``: the size of the matrices decomposed (default: the
+    number of eigenvalues; the block size for a blocks factor)."""
+    n = vals.shape[0] if n is None else n
     tol = negative_tolerance(kind, n, dtype or "float64")
     res = solver_resolution(n, dtype) if kind == "dense" and dtype else 0.0
     if vals.size == 0:
@@ -313,6 +331,29 @@ def _diagonal_eig(d: np.ndarray, *, path: object, step: object, layer: object, w
     )
 
 
+def _blocks_eig(x: np.ndarray, *, path: object, step: object, layer: object, which: str) -> FactorEig:
+    """A blocks factor ``(C, b, b)``: every block decomposed (numpy, float64), eigenvalues sorted."""
+    blocks = np.asarray(x, dtype=np.float64)
+    values, vectors = np.linalg.eigh((blocks + blocks.transpose(0, 2, 1)) / 2)
+    flat = values.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    vals = flat[order]
+    n = blocks.shape[1]
+    c = _clip(vals, "dense", "float64", path=path, step=step, layer=layer, which=which, n=n)
+    return FactorEig(
+        kind="blocks",
+        eigenvalues=np.ascontiguousarray(c.vals),
+        eigenvectors=vectors,
+        order=order.astype(np.int64),
+        num_clipped=c.num_clipped,
+        tolerance=c.tolerance,
+        num_unresolved=c.num_unresolved,
+        resolution=c.resolution,
+        dtype="float64",
+        device="cpu",
+    )
+
+
 def _split_key(key: Hashable) -> tuple[object, str]:
     """``(layer, which)`` of a key ``(layer, "A"|"S")``; other keys name the factor itself."""
     if isinstance(key, tuple) and len(key) == 2:
@@ -332,7 +373,8 @@ def decompose_factors(
 ) -> Iterator[tuple[Hashable, FactorEig]]:
     """Eigendecompose factors lazily, batching dense factors of equal size; yields ``(key, eig)``.
 
-    ``items`` yields ``(key, X)`` with ``X`` dense ``(n, n)`` or diagonal ``(n,)``; a key
+    ``items`` yields ``(key, X)`` with ``X`` dense ``(n, n)``, diagonal ``(n,)`` or blocks
+    ``(C, b, b)`` (decomposed at once, block by block, in float64 on the CPU); a key
     ``(layer, "A")`` names the layer and factor in error messages (with ``path`` and ``step``).
     Diagonal factors come out at once; dense ones wait, grouped by size, until their group holds
     ``batch_bytes`` (default :data:`DEFAULT_BATCH_BYTES` of the device) or all waiting groups
@@ -353,6 +395,10 @@ def decompose_factors(
         if x.ndim == 1:
             layer, which = _split_key(key)
             yield key, _diagonal_eig(x, path=path, step=step, layer=layer, which=which)
+            continue
+        if x.ndim == 3 and x.shape[1] == x.shape[2]:
+            layer, which = _split_key(key)
+            yield key, _blocks_eig(x, path=path, step=step, layer=layer, which=which)
             continue
         if x.ndim != 2 or x.shape[0] != x.shape[1]:
             layer, which = _split_key(key)

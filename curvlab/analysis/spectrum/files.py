@@ -46,6 +46,7 @@ from curvlab.io.checkpoint import (
     IncompleteStepWarning,
     expected_factor_sizes,
 )
+from curvlab.io.checkpoint.format import block_size
 from curvlab.io.checkpoint.reader import warn_incomplete
 from curvlab.limits import ReadBudget
 
@@ -179,9 +180,9 @@ def _write_layer_attrs(
 def _write_factor(g: h5py.Group, which: str, eig: FactorEig) -> None:
     """Datasets ``<which>_eigenvalues`` and ``_eigenvectors``/``_order``, and the factor's attrs."""
     g.create_dataset(f"{which}_eigenvalues", data=eig.eigenvalues)
-    if eig.kind == "diagonal":
+    if eig.kind in ("diagonal", "blocks"):
         g.create_dataset(f"{which}_order", data=eig.order)
-    elif eig.eigenvectors is not None:
+    if eig.kind != "diagonal" and eig.eigenvectors is not None:
         g.create_dataset(f"{which}_eigenvectors", data=eig.eigenvectors)
     g.attrs[f"{which}_kind"] = eig.kind
     g.attrs[f"{which}_num_clipped"] = np.int64(eig.num_clipped)
@@ -476,6 +477,7 @@ def _read_spectrum_layers(
                 raise CheckpointError("is not a group")
             module_type, has_bias = _attr(lg.attrs, "module_type"), bool(_attr(lg.attrs, "has_bias"))
             size_a, size_s = expected_factor_sizes(module_type, _attr(lg.attrs, "weight_shape"), has_bias)
+            size_a *= block_size(module_type, has_bias) or 1  # a blocks A: C blocks of k eigenvalues
             out[name] = (
                 _read_eigenvalues(lg, "S", size_s, budget), _read_eigenvalues(lg, "A", size_a, budget)
             )

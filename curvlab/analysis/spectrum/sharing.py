@@ -37,6 +37,7 @@ from curvlab.analysis.spectrum.engine import (
     _diagonal_eig,
     _factor_items,
     decompose_checkpoint,
+    decompose_factors,
 )
 from curvlab.errors import CheckpointError, where
 from curvlab.io.checkpoint import expected_factor_sizes
@@ -159,9 +160,11 @@ class _Share:
 
 
 def _share(reader: CheckpointReader, step: int, names: Sequence[str], options: dict[str, Any]) -> _Share:
+    """The shared factors: all but blocks factors, which process 0 decomposes itself (:func:`_own_blocks`:
+    ``C`` tiny blocks, less work than sending them)."""
     from curvlab import distributed
 
-    factors = _factor_sizes(reader, step, names)
+    factors = [f for f in _factor_sizes(reader, step, names) if f[2] != "blocks"]
     budget = _batch_budget(options["batch_bytes"], options["device"])
     batches = plan_batches(factors, options["dtype"], budget)
     ranks = assign_batches(batches, distributed.context().world_size)
@@ -305,6 +308,7 @@ def _gather_share(
     bar = progress_bar(total=len(share.factors), desc=f"spectrum step {step}", unit="factor",
                        enabled=bool(options["progress"]))
     try:
+        yield from _own_blocks(reader, step, names)
         for layer, which, eig in _decompose_batches(reader, step, names, share.batches_of(0), options):
             yield layer, which, eig
             bar.update(1)
@@ -320,6 +324,18 @@ def _gather_share(
                 bar.update(1)
     finally:
         bar.close()
+
+
+def _own_blocks(
+    reader: CheckpointReader, step: int, names: Sequence[str]
+) -> Iterator[tuple[str, str, FactorEig]]:
+    """Process 0: the blocks factors of ``step`` (never shared, see :func:`_share`)."""
+    wanted = {key for key, _, kind in _factor_sizes(reader, step, names) if kind == "blocks"}
+    if not wanted:
+        return
+    items = _factor_items(reader, step, names, False, only=wanted)
+    for (layer, which), eig in decompose_factors(items, path=reader.path, step=step):
+        yield layer, which, eig
 
 
 def _step_factors(

@@ -1,4 +1,4 @@
-"""K-FAC factor checkpoints: the HDF5 format, version 1 (read, write, append steps, validate).
+"""K-FAC factor checkpoints: the HDF5 format, version 2 (read, write, append steps, validate).
 
 Everything that writes or reads Kronecker factors goes through this package; ``docs/format.md``
 documents the layout, attribute types, validation rules and crash-safety mechanism field by field.

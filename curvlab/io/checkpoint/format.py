@@ -1,23 +1,27 @@
-"""The checkpoint format, version 1: what a valid file is (constants, data classes, validation).
+"""The checkpoint format, version 2: what a valid file is (constants, data classes, validation).
 
 Everything that writes or reads Kronecker factors goes through :mod:`curvlab.io.checkpoint`; this
 module says what its files hold. The layout, attribute types, validation rules and crash-safety
 mechanism are documented field by field in ``docs/format.md``; the short version::
 
-    /                               attrs: format = "curvlab.kfac", format_version = 1
+    /                               attrs: format = "curvlab.kfac", format_version = 2 (1 still read)
     /model                          (optional) attrs: name (str), config (JSON string)
     /steps/<step>                   attrs: step, complete (written last), fisher_type, num_examples,
                                            optional extras (ema_decay, damping, mc_samples, ...)
     /steps/<step>/factors/<layer>   attrs: module_type, weight_shape, has_bias
-        A                           input-side factor, dense (n, n) or diagonal (n,)
+        A                           input-side factor, dense (n, n), diagonal (n,) or blocks (C, k, k)
         S                           output-side factor, dense (m, m) or diagonal (m,)
     /steps/<step>/weights/<param>   (optional) model parameters at that step
+    /steps/<step>/coverage          (optional) which trainable parameters have factors (:mod:`.coverage`)
 
 Math (design.md, "Math conventions"): a layer ``s = W a`` with ``W`` of shape ``(m, n)`` has
 ``A = E[a a^T]`` (n x n, input side, ``a`` augmented by a trailing 1 when there is a bias) and
 ``S = E[g g^T]`` (m x m, output side, ``g = dL/ds`` of the per-example loss), so that the layer's
 Fisher block is ``F ~= S (x) A`` for the row-major vec of ``W``. Both factors are symmetric positive
-semi-definite; a diagonal factor (1-D dataset) stores only the diagonal of that matrix.
+semi-definite; a diagonal factor (1-D dataset) stores only the diagonal of that matrix, a blocks
+factor (3-D, ``(C, k, k)``) the diagonal blocks of a block-diagonal one (version 2: the exact
+per-channel Fisher blocks of a normalisation layer's ``(γ, β)``, ``module_type = "NormAffine"``,
+whose ``S`` is the 1 × 1 factor ``[1]``).
 
 Validation (:func:`validate_layer`, and ``_validate_step`` for everything :func:`save` checks before
 it writes a byte): the factor sizes a layer's metadata implies (:func:`expected_factor_sizes`),
@@ -30,6 +34,7 @@ messages (``file: step S: layer L: problem``) are built here too.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,10 +43,15 @@ from typing import Any
 import numpy as np
 
 from curvlab.errors import CheckpointError, where
+from curvlab.io.checkpoint import coverage as coverage_format
 
 FORMAT = "curvlab.kfac"
-FORMAT_VERSION = 1
-MODULE_TYPES = ("Linear", "Conv2d", "Embedding", "TiedEmbedding")
+FORMAT_VERSION = 2
+MODULE_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding", "TiedEmbedding", "NormAffine")
+#: The format version that introduced each module type (the others are in version 1).
+MODULE_TYPE_VERSION = {"Conv1d": 2, "Conv3d": 2, "NormAffine": 2}
+#: The rank of ``weight_shape`` of each module type (``None``: any rank >= 1).
+WEIGHT_RANK = {"Conv1d": 3, "Conv2d": 4, "Conv3d": 5, "NormAffine": None}
 
 #: Step attributes with a fixed meaning; everything else on a step group is an "extra".
 RESERVED_STEP_ATTRS = ("step", "complete", "fisher_type", "num_examples")
@@ -74,7 +84,7 @@ _BLOCK_ELEMENTS = 1 << 20  # rows per validation block = this / n: extra memory 
 
 
 def _kind(x: np.ndarray) -> str:
-    return "diagonal" if np.ndim(x) == 1 else "dense"
+    return {1: "diagonal", 3: "blocks"}.get(np.ndim(x), "dense")
 
 
 @dataclass
@@ -83,7 +93,8 @@ class LayerFactors:
 
     ``A`` is the input-side factor (size from :func:`expected_factor_sizes`), ``S`` the output-side
     one. Each is either dense (2-D, square, symmetric PSD) or diagonal (1-D, non-negative).
-    ``weight_shape`` is the layer weight's PyTorch shape (for ``Embedding``: ``(V, d)``).
+    ``weight_shape`` is the layer weight's PyTorch shape (for ``Embedding``: ``(V, d)``). A
+    ``NormAffine`` entry's ``A`` is blocks, ``(C, k, k)``, and its ``S`` the 1 × 1 factor ``[1]``.
     """
 
     module_type: str
@@ -94,7 +105,7 @@ class LayerFactors:
 
     @property
     def A_kind(self) -> str:  # noqa: N802 (the math name)
-        """``"dense"`` for a 2-D ``A``, ``"diagonal"`` for a 1-D one."""
+        """``"dense"`` for a 2-D ``A``, ``"diagonal"`` for a 1-D one, ``"blocks"`` for a 3-D one."""
         return _kind(self.A)
 
     @property
@@ -118,6 +129,7 @@ class Step:
     factors: dict[str, LayerFactors]
     weights: dict[str, np.ndarray] | None = None
     attrs: dict[str, Any] = field(default_factory=dict)
+    coverage: dict[str, Any] | None = None
 
 
 @dataclass
@@ -160,6 +172,10 @@ def expected_factor_sizes(
       A is ``V`` (input side, one-hot tokens), S is ``d``; no bias.
     * ``TiedEmbedding``, stored as the pre-softmax Linear with weight ``(V, d)``: A is ``d + b``,
       S is ``V``.
+    * ``Conv1d`` / ``Conv3d`` (version 2), weight ``(c_out, c_in, k_1[, k_2, k_3])``: A is
+      ``c_in*k_1*... + b``, S is ``c_out``.
+    * ``NormAffine`` (version 2), weight ``γ`` of any shape with ``C`` entries: A has ``C`` blocks
+      (of ``k × k``, :func:`block_size`), S is 1.
 
     Raises :class:`CheckpointError` (without a location) for an unknown module type, a weight shape
     of the wrong rank or with non-positive entries, or an ``Embedding`` with a bias.
@@ -172,8 +188,10 @@ def expected_factor_sizes(
     b = 1 if has_bias else 0
     if module_type == "Linear":
         return shape[1] + b, shape[0]
-    if module_type == "Conv2d":
-        return shape[1] * shape[2] * shape[3] + b, shape[0]
+    if module_type in ("Conv1d", "Conv2d", "Conv3d"):
+        return math.prod(shape[1:]) + b, shape[0]  # exact Python ints: a hostile shape cannot overflow
+    if module_type == "NormAffine":
+        return math.prod(shape), 1
     if module_type == "Embedding":
         if has_bias:
             raise CheckpointError("module_type Embedding cannot have has_bias = true")
@@ -181,16 +199,35 @@ def expected_factor_sizes(
     return shape[1] + b, shape[0]  # TiedEmbedding: the pre-softmax Linear (out = V, in = d)
 
 
+def block_size(module_type: str, has_bias: bool) -> int | None:
+    """``k`` of a blocks factor ``A`` ``(C, k, k)`` (``NormAffine``: 2 with a shift, else 1); ``None``
+    for module types whose factors are dense or diagonal."""
+    if module_type == "NormAffine":
+        return 2 if has_bias else 1
+    return None
+
+
+def check_module_type_version(module_type: str, version: int) -> None:
+    """:class:`CheckpointError` when a file of format ``version`` cannot hold ``module_type``."""
+    needed = MODULE_TYPE_VERSION.get(module_type, 1)
+    if version < needed:
+        raise CheckpointError(
+            f"module_type {module_type} needs format_version {needed}, the file has {version}"
+        )
+
+
 def _check_weight_shape(module_type: str, weight_shape: object) -> tuple[int, ...]:
     """``weight_shape`` as a tuple of positive ints of the rank ``module_type`` needs."""
-    rank = 4 if module_type == "Conv2d" else 2
+    rank = WEIGHT_RANK.get(module_type, 2)
     try:
         arr = np.asarray(weight_shape)
     except Exception as exc:  # noqa: BLE001 (anything unconvertible is a bad shape)
         raise CheckpointError(f"bad weight_shape {weight_shape!r}") from exc
     if arr.ndim != 1 or arr.dtype.kind not in "iu":
         raise CheckpointError(f"bad weight_shape {_fmt(weight_shape)}: not a 1-D integer array")
-    if arr.shape[0] != rank:
+    if rank is None and not 1 <= arr.shape[0] <= 8:
+        raise CheckpointError(f"bad weight_shape {_fmt(weight_shape)}: {module_type} needs 1 to 8 entries")
+    if rank is not None and arr.shape[0] != rank:
         raise CheckpointError(
             f"bad weight_shape {_fmt(weight_shape)}: {module_type} needs {rank} entries"
         )
@@ -215,8 +252,16 @@ def _check_dtype(name: str, dtype: np.dtype) -> None:
     raise CheckpointError(f"{name} has {what}dtype {dtype.name} (must be float32 or float64)")
 
 
-def _check_shape(name: str, shape: tuple[int, ...], size: int, meta: str) -> None:
-    """Rank 1 or 2, square if 2-D, and of the size the layer metadata implies."""
+def _check_shape(name: str, shape: tuple[int, ...], size: int, meta: str, block: int | None = None) -> None:
+    """Rank 1 or 2, square if 2-D, and of the size the layer metadata implies; with ``block = k``,
+    ``(size, k, k)`` blocks instead."""
+    if block is not None:
+        if shape != (size, block, block):
+            raise CheckpointError(
+                f"{name} has shape {shape} but {meta} needs {size} blocks of {block} x {block}: "
+                f"({size}, {block}, {block})"
+            )
+        return
     if len(shape) not in (1, 2):
         raise CheckpointError(
             f"{name} has rank {len(shape)} (must be 2 for dense or 1 for diagonal): shape {shape}"
@@ -289,9 +334,41 @@ def _check_dense_values(name: str, x: np.ndarray, tol: float) -> None:
             )
 
 
+def _check_block_values(name: str, x: np.ndarray, tol: float) -> None:
+    """A blocks factor ``(C, k, k)``: finite, every block symmetric and not clearly indefinite, with
+    ``c = max |diagonal entry|`` over all blocks (the rules of a dense factor, block by block; for
+    ``k <= 2`` they are exactly positive semi-definiteness up to the tolerance)."""
+    if not np.isfinite(x).all():
+        raise CheckpointError(f"{name} has non-finite values (NaN or inf)")
+    diag = np.diagonal(x, axis1=1, axis2=2)
+    scale = float(np.abs(diag).max()) if diag.size else 0.0
+    atol = tol * scale
+    if diag.size and diag.min() < -atol:
+        c, i = np.unravel_index(int(np.argmin(diag)), diag.shape)
+        raise CheckpointError(
+            f"{name} is not positive semi-definite: block {c} has diagonal entry {float(diag[c, i]):.6g} "
+            f"< -{tol:g} * max|diag| ({scale:.6g})"
+        )
+    asym = np.abs(x - x.transpose(0, 2, 1))
+    if asym.size and asym.max() > atol:
+        c = int(np.unravel_index(int(np.argmax(asym)), asym.shape)[0])
+        raise CheckpointError(
+            f"{name} is not symmetric: block {c} differs from its transpose by {float(asym.max()):.3g} > "
+            f"{tol:g} * max|diag| ({scale:.6g})"
+        )
+    root = np.sqrt(np.maximum(diag, 0))
+    excess = np.abs(x) - root[:, :, None] * root[:, None, :]
+    if excess.size and excess.max() > atol:
+        c = int(np.unravel_index(int(np.argmax(excess)), excess.shape)[0])
+        raise CheckpointError(f"{name} is not positive semi-definite: block {c} has an entry above "
+                              "the square root of the product of its diagonal entries")
+
+
 def _check_values(name: str, x: np.ndarray) -> None:
     tol = SYMMETRY_TOL[np.dtype(x.dtype.newbyteorder("="))]
-    if x.ndim == 1:
+    if x.ndim == 3:
+        _check_block_values(name, x, tol)
+    elif x.ndim == 1:
         _check_diagonal_values(name, x, tol)
     else:
         _check_dense_values(name, x, tol)
@@ -306,7 +383,7 @@ def _check_scale(A: np.ndarray, S: np.ndarray) -> None:  # noqa: N803 (the math 
     traces = []
     with np.errstate(over="ignore", invalid="ignore"):
         for name, x in (("A", A), ("S", S)):
-            diag = x if x.ndim == 1 else np.diagonal(x)
+            diag = x if x.ndim == 1 else np.diagonal(x, axis1=-2, axis2=-1)  # dense or (C, k, k) blocks
             trace = float(np.abs(diag).sum(dtype=np.float64))
             if not np.isfinite(trace):
                 raise CheckpointError(f"{name} is too large: its trace overflows float64")
@@ -328,6 +405,11 @@ def _check_meta(module_type: object, weight_shape: object, has_bias: object) -> 
     return expected_factor_sizes(module_type, weight_shape, bool(has_bias))  # type: ignore[arg-type]
 
 
+def factor_block(module_type: str, has_bias: bool, which: str) -> int | None:
+    """``k`` when factor ``which`` (``"A"`` or ``"S"``) of such a layer is stored as ``(C, k, k)`` blocks."""
+    return block_size(module_type, has_bias) if which == "A" else None
+
+
 def validate_layer(
     factors: LayerFactors, *, path: object = None, step: object = None, layer: object = None
 ) -> None:
@@ -335,8 +417,9 @@ def validate_layer(
 
     Checks: known ``module_type``; ``weight_shape`` of the right rank with positive entries;
     ``has_bias`` a bool (false for Embedding); ``A`` and ``S`` float32/float64 of rank 1 (diagonal)
-    or 2 (dense, square) with the sizes of :func:`expected_factor_sizes`; finite; dense factors
-    symmetric and not clearly indefinite, diagonal factors non-negative, both within
+    or 2 (dense, square) with the sizes of :func:`expected_factor_sizes` (a ``NormAffine`` ``A``:
+    rank 3, ``(C, k, k)`` blocks); finite; dense factors and blocks symmetric and not clearly
+    indefinite, diagonal factors non-negative, all within
     :data:`SYMMETRY_TOL` relative to the largest |diagonal entry|.
     """
     try:
@@ -349,7 +432,8 @@ def validate_layer(
             if not isinstance(x, np.ndarray):
                 raise CheckpointError(f"{name} is a {type(x).__name__}, not a numpy array")
             _check_dtype(name, x.dtype)
-            _check_shape(name, x.shape, size, meta)
+            block = factor_block(factors.module_type, bool(factors.has_bias), name)
+            _check_shape(name, x.shape, size, meta, block)
             _check_values(name, x)
         _check_scale(factors.A, factors.S)
     except CheckpointError as exc:
@@ -425,6 +509,11 @@ def _validate_step(step: Step, path: object) -> None:
         if not isinstance(factors, LayerFactors):
             raise _error(f"expected LayerFactors, got {type(factors).__name__}", path, n, name)
         validate_layer(factors, path=path, step=n, layer=name)
+    if step.coverage is not None:
+        try:
+            step.coverage = coverage_format.validate(step.coverage)
+        except CheckpointError as exc:
+            raise _error(str(exc), path, n) from None
     for name, w in (step.weights or {}).items():
         _check_name("parameter", name, path, n)
         if np.asarray(w).dtype.kind not in "biuf":

@@ -4,12 +4,12 @@ Files are opened read-only and never modified; no pickle anywhere. Files are unt
 opened, walked and read through :mod:`curvlab.io.hdf5` (no pipes or devices, no link, external storage
 or virtual dataset leading outside the file, every dataset's declared size checked against the
 machine's budget and the bytes it stores before it is read, no damaged global heap). The root
-attributes must name format v1 (:mod:`.format`); step groups whose ``complete`` attribute is missing
-or false (their writer died while writing them) are skipped with one :class:`IncompleteStepWarning`
-per file. Every factor, weight and attribute read is validated against the rules of :mod:`.format`
-(:func:`~curvlab.io.checkpoint.format.validate_layer`'s checks; finite weights and step attributes)
-before it is returned, and the exceptions h5py raises on damaged files become one-line
-:class:`CheckpointError` messages that name file, step and layer once.
+attributes must name format version 1 or 2 (:mod:`.format`); step groups whose ``complete`` attribute
+is missing or false (their writer died while writing them) are skipped with one
+:class:`IncompleteStepWarning` per file. Every factor, weight and attribute read is validated against
+the rules of :mod:`.format` (:func:`~curvlab.io.checkpoint.format.validate_layer`'s checks; finite
+weights and step attributes) before it is returned, and the exceptions h5py raises on damaged files
+become one-line :class:`CheckpointError` messages that name file, step and layer once.
 """
 
 from __future__ import annotations
@@ -27,10 +27,12 @@ import numpy as np
 
 from curvlab.errors import CheckpointError
 from curvlab.io import hdf5
+from curvlab.io.checkpoint import coverage as coverage_format
 from curvlab.io.checkpoint.format import (
     _STEP_NAME,
     FORMAT,
     FORMAT_VERSION,
+    MODULE_TYPES,
     RESERVED_STEP_ATTRS,
     Checkpoint,
     LayerFactors,
@@ -43,7 +45,9 @@ from curvlab.io.checkpoint.format import (
     _error,
     _layer_meta_text,
     _one_line,
+    check_module_type_version,
     expected_factor_sizes,
+    factor_block,
 )
 from curvlab.limits import MAX_ATTRIBUTE_BYTES, ReadBudget, check_size
 
@@ -309,21 +313,24 @@ class CheckpointReader:
         lg = self._layer_group(step, layer)
         try:
             with _h5_errors():
-                return _read_meta(lg)[:3]
+                return _read_meta(lg, self.format_version)[:3]
         except CheckpointError as exc:
             raise _error(str(exc), self.path, step, layer) from None
 
     def factor_kind(self, step: int, layer: str, which: str) -> str:
-        """``"diagonal"`` when factor ``which`` (``"A"`` or ``"S"``) is stored as a vector, else
-        ``"dense"``, from the dataset's shape alone (no data read, not validated: a missing or
-        malformed factor counts as dense; :meth:`read_factors` reports it)."""
+        """``"diagonal"`` when factor ``which`` (``"A"`` or ``"S"``) is stored as a vector,
+        ``"blocks"`` as ``(C, k, k)`` blocks, else ``"dense"``, from the dataset's shape alone (no data
+        read, not validated: a missing or malformed factor counts as dense; :meth:`read_factors`
+        reports it)."""
         if which not in ("A", "S"):
             raise ValueError(f"factor {which!r}: expected 'A' or 'S'")
         try:
             ds = _member(self._layer_group(step, layer), which)
         except CheckpointError:
             return "dense"
-        return "diagonal" if isinstance(ds, h5py.Dataset) and ds.ndim == 1 else "dense"
+        if not isinstance(ds, h5py.Dataset):
+            return "dense"
+        return {1: "diagonal", 3: "blocks"}.get(ds.ndim, "dense")
 
     def check_layers(self, step: int, layers: Iterable[str]) -> None:
         """Check what can be checked of the layers without reading their values: metadata, the
@@ -334,10 +341,11 @@ class CheckpointReader:
             lg = self._layer_group(step, layer)
             try:
                 with _h5_errors():
-                    module_type, weight_shape, has_bias, sizes = _read_meta(lg)
+                    module_type, weight_shape, has_bias, sizes = _read_meta(lg, self.format_version)
                     meta = _layer_meta_text(module_type, weight_shape, has_bias)
                     for name, size in zip("AS", sizes, strict=True):
-                        _factor_dataset(lg, name, size, meta, self._budget)
+                        block = factor_block(module_type, has_bias, name)
+                        _factor_dataset(lg, name, size, meta, self._budget, block)
             except CheckpointError as exc:
                 raise _error(str(exc), self.path, step, layer) from None
 
@@ -346,16 +354,26 @@ class CheckpointReader:
         lg = self._layer_group(step, layer)
         try:
             with _h5_errors():
-                module_type, weight_shape, has_bias, sizes = _read_meta(lg)
+                module_type, weight_shape, has_bias, sizes = _read_meta(lg, self.format_version)
                 meta = _layer_meta_text(module_type, weight_shape, has_bias)
+                blocks = [factor_block(module_type, has_bias, name) for name in "AS"]
                 arrays = [
-                    _read_factor(lg, name, size, meta, self._budget)
-                    for name, size in zip("AS", sizes, strict=True)
+                    _read_factor(lg, name, size, meta, self._budget, block)
+                    for name, size, block in zip("AS", sizes, blocks, strict=True)
                 ]
                 _check_scale(arrays[0], arrays[1])
         except CheckpointError as exc:
             raise _error(str(exc), self.path, step, layer) from None
         return LayerFactors(module_type, weight_shape, has_bias, arrays[0], arrays[1])
+
+    def read_coverage(self, step: int) -> dict[str, Any] | None:
+        """Which trainable parameters the step's factors cover (:mod:`.coverage`; ``None``: not recorded)."""
+        g = self._group(step)
+        try:
+            with _h5_errors():
+                return coverage_format.read(g, self._budget)
+        except CheckpointError as exc:
+            raise _error(str(exc), self.path, step) from None
 
     def read_weights(self, step: int) -> dict[str, np.ndarray]:
         """The model parameters stored with a step (``{}`` if none)."""
@@ -469,30 +487,40 @@ def parse_config(text: str) -> dict:
     return config
 
 
-def _read_meta(lg: h5py.Group) -> tuple[str, tuple[int, ...], bool, tuple[int, int]]:
-    """``module_type, weight_shape, has_bias, (size of A, size of S)`` from a layer group."""
+def _read_meta(
+    lg: h5py.Group, version: int = FORMAT_VERSION
+) -> tuple[str, tuple[int, ...], bool, tuple[int, int]]:
+    """``module_type, weight_shape, has_bias, (size of A, size of S)`` from a layer group of a file
+    of format ``version`` (a module type newer than the file is an error)."""
     module_type = _attr_str(lg.attrs, "module_type")
+    if module_type in MODULE_TYPES:
+        check_module_type_version(module_type, version)
     raw_shape = _attr(lg.attrs, "weight_shape")
     has_bias = _attr_bool(lg.attrs, "has_bias")
     sizes = expected_factor_sizes(module_type, raw_shape, has_bias)
     return module_type, _check_weight_shape(module_type, raw_shape), has_bias, sizes
 
 
-def _factor_dataset(lg: h5py.Group, name: str, size: int, meta: str, budget: ReadBudget) -> h5py.Dataset:
-    """Factor ``name``'s dataset, its dtype, shape and storage checked (no value read)."""
+def _factor_dataset(
+    lg: h5py.Group, name: str, size: int, meta: str, budget: ReadBudget, block: int | None = None
+) -> h5py.Dataset:
+    """Factor ``name``'s dataset, its dtype, shape (``(size, block, block)`` for blocks) and storage
+    checked (no value read)."""
     ds = hdf5.member(lg, name, CheckpointError)
     if ds is None:
         raise CheckpointError(f"missing factor {name}")
     if not isinstance(ds, h5py.Dataset):
         raise CheckpointError(f"{name} is not a dataset")
     _check_dtype(name, ds.dtype)
-    _check_shape(name, tuple(ds.shape or ()), size, meta)
+    _check_shape(name, tuple(ds.shape or ()), size, meta, block)
     hdf5.check_storage(ds, name, budget, CheckpointError)
     return ds
 
 
-def _read_factor(lg: h5py.Group, name: str, size: int, meta: str, budget: ReadBudget) -> np.ndarray:
-    ds = _factor_dataset(lg, name, size, meta, budget)
+def _read_factor(
+    lg: h5py.Group, name: str, size: int, meta: str, budget: ReadBudget, block: int | None = None
+) -> np.ndarray:
+    ds = _factor_dataset(lg, name, size, meta, budget, block)
     arr = hdf5.read_array(ds, name, budget, CheckpointError)
     _check_values(name, arr)
     return arr
@@ -577,4 +605,5 @@ def _load_step(
         factors=factors,
         weights=reader._read_weights(n) if weights else None,
         attrs=attrs,
+        coverage=reader.read_coverage(n),
     )

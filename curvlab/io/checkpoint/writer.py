@@ -22,6 +22,7 @@ import numpy as np
 
 from curvlab.errors import CheckpointError
 from curvlab.io.atomic import commit, remove_quietly, temp_path
+from curvlab.io.checkpoint import coverage as coverage_format
 from curvlab.io.checkpoint.format import (
     FORMAT,
     FORMAT_VERSION,
@@ -66,6 +67,8 @@ def _write_step(steps_group: h5py.Group, step: Step) -> None:
         wg = g.create_group("weights", track_order=True)
         for name, w in step.weights.items():
             wg.create_dataset(name, data=np.asarray(w))
+    if step.coverage is not None:
+        coverage_format.write(g, step.coverage)
     _mark_complete(g)
 
 
@@ -180,6 +183,8 @@ def append_step(
                     del steps_group[str(int(step.step))]
                 _write_model(f, model_name, config_json)
                 _write_step(steps_group, step)
+                # the file may now hold what only this version's readers know (a version-1 file grows up)
+                f.attrs["format_version"] = np.int64(FORMAT_VERSION)
             commit(tmp, target)
     except BaseException:
         remove_quietly(tmp)
