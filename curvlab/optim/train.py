@@ -375,18 +375,26 @@ def train(
     parent = os.path.dirname(run_dir)
     if not os.path.isdir(parent):
         raise OptionError(f"{run_dir}: cannot create the run folder: {parent} does not exist")
+    created = False
     if ctx.is_main:
         _check_run_folder(run_dir, parent)
+        created = not os.path.isdir(run_dir)
         os.makedirs(run_dir, exist_ok=True)
         if resume:
             _remove_stale_temps(run_dir)
-    start = _start(config, run_dir, resume)
-    # every process has seen the folder as it was before process 0 writes to it
-    distributed.barrier("checking the run folder")
-    device = torch.device(device)
-    run = _build(config, run_dir, device)
-    if start is not None:
-        run.model_config = _recorded_model(run)
+    try:
+        start = _start(config, run_dir, resume)
+        # every process has seen the folder as it was before process 0 writes to it
+        distributed.barrier("checking the run folder")
+        device = torch.device(device)
+        run = _build(config, run_dir, device)
+        if start is not None:
+            run.model_config = _recorded_model(run)
+    except BaseException:
+        if created:  # refused before the first step (a model over the budget, bad data): leave nothing
+            with contextlib.suppress(OSError):
+                os.rmdir(run_dir)  # only while still empty: nothing is written before the loop
+        raise
     try:
         summary = _loop(run, start, progress and ctx.is_main)
     finally:
