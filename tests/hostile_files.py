@@ -334,6 +334,64 @@ def _chunked(shape: tuple[int, ...], write: str, **options) -> Callable[[h5py.Gr
     return make
 
 
+def _norm_entry(
+    channels: int | list[int], make_a: Callable[[h5py.Group, int], None] | None = None, version: int = 2
+) -> Builder:
+    """A ``NormAffine`` entry (format 2: the ``(γ, β)`` of a normalisation layer, ``A`` blocks ``(C, 2, 2)``,
+    ``S = [1]``) added to the last step as layer ``norm``; ``make_a(group, C)`` writes its ``A``
+    (default: valid blocks); ``version`` is written as the file's ``format_version``."""
+    shape = [channels] if isinstance(channels, int) else channels
+
+    def fn(f: h5py.File, _: Path) -> None:
+        g = _first(f)[0]["factors"].create_group("norm")
+        g.attrs["module_type"] = "NormAffine"
+        g.attrs["weight_shape"] = np.array(shape, dtype=np.uint64 if max(shape) >= 2**63 else np.int64)
+        g.attrs["has_bias"] = True
+        c = int(np.prod(np.array(shape, dtype=object)))
+        if make_a is None:
+            g.create_dataset("A", data=np.tile(np.array([[2.0, 0.5], [0.5, 1.0]]), (c, 1, 1)))
+        else:
+            make_a(g, c)
+        g.create_dataset("S", data=np.ones((1, 1)))
+        f.attrs["format_version"] = np.int64(version)
+
+    return _edit(fn)
+
+
+def _blocks(shape: tuple[int, ...], chunks: tuple[int, ...]) -> Callable[[h5py.Group, int], None]:
+    """A blocks ``A`` of the declared ``shape``, chunked and never written."""
+    return lambda g, c: g.create_dataset("A", shape=shape, dtype="f8", chunks=chunks)
+
+
+def _block_values(change: Callable[[np.ndarray], None]) -> Callable[[h5py.Group, int], None]:
+    def make(g: h5py.Group, c: int) -> None:
+        a = np.tile(np.array([[2.0, 0.5], [0.5, 1.0]]), (c, 1, 1))
+        change(a)
+        g.create_dataset("A", data=a)
+
+    return make
+
+
+def _coverage(fn: Callable[[h5py.Group, Path], None]) -> Builder:
+    """Change the last step's ``coverage`` group (format 2: which parameters the factors cover)."""
+    return _edit(lambda f, outside: fn(_first(f)[0]["coverage"], outside))
+
+
+def _coverage_external(g: h5py.Group, outside: Path) -> None:
+    del g["skipped_parameters"]
+    g["skipped_parameters"] = h5py.ExternalLink(str(outside / "secret.h5"), "/A")
+
+
+def _coverage_unwritten(g: h5py.Group, _: Path) -> None:
+    """2^40 skipped entries declared (over the 10^6 a coverage may list), none written."""
+    for name in ("skipped_name", "skipped_parameters", "skipped_reason"):
+        del g[name]
+    text = h5py.string_dtype("utf-8")
+    g.create_dataset("skipped_name", shape=(1 << 40,), dtype=text, chunks=(1 << 10,))
+    g.create_dataset("skipped_parameters", shape=(1 << 40,), dtype="i8", chunks=(1 << 10,))
+    g.create_dataset("skipped_reason", shape=(1 << 40,), dtype=text, chunks=(1 << 10,))
+
+
 def _compressed_ok(f: h5py.File, _: Path) -> None:
     layer = _first(f)[1]
     old = layer["A"][()]
@@ -486,6 +544,37 @@ CRAFTED: dict[str, tuple[str, str, Builder]] = {
     "storage_compressed_ok": ("storage", "accept", _edit(_compressed_ok)),
     # refused when 300 readings of the factors exceed 128x the file (mlp, resnet8), read otherwise
     "storage_hardlinked_300": ("storage", "either", _hardlinked_steps(300)),
+    # normalisation layers (format 2: NormAffine entries, blocks A of shape (C, k, k))
+    "norm_ok": ("norm", "accept", _norm_entry(6)),
+    "norm_version_1": ("norm", "refuse", _norm_entry(6, version=1)),
+    "norm_huge_channels": ("norm", "refuse", _norm_entry(1 << 40, _blocks((1 << 40, 2, 2), (1024, 2, 2)))),
+    "norm_huge_k": ("norm", "refuse", _norm_entry(4, _blocks((4, 1 << 20, 1 << 20), (1, 1024, 1024)))),
+    "norm_unwritten": ("norm", "refuse", _norm_entry(30000, _blocks((30000, 2, 2), (1000, 2, 2)))),
+    # 2^32 x 2^32 channels: 2^64, which wraps to 0 in int64 (an empty A must not pass for it)
+    "norm_shape_overflow": (
+        "norm",
+        "refuse",
+        _norm_entry([1 << 32, 1 << 32], lambda g, c: g.create_dataset("A", data=np.zeros((0, 2, 2)))),
+    ),
+    "norm_nine_axes": ("norm", "refuse", _norm_entry([1] * 9)),
+    "norm_nan_block": (
+        "norm", "refuse", _norm_entry(6, _block_values(lambda a: a.__setitem__((3, 0, 1), np.nan)))
+    ),
+    "norm_asymmetric_block": (
+        "norm", "refuse", _norm_entry(6, _block_values(lambda a: a.__setitem__((2, 0, 1), 5.0)))
+    ),
+    "norm_indefinite_block": (
+        "norm", "refuse", _norm_entry(6, _block_values(lambda a: a.__setitem__((1, 1, 1), -1.0)))
+    ),
+    "norm_1e308_blocks": (
+        "norm", "refuse", _norm_entry(6, _block_values(lambda a: a.__setitem__((slice(None), 0, 0), 1e308)))
+    ),
+    # the coverage group of a step (format 2)
+    "coverage_external": ("coverage", "refuse", _coverage(_coverage_external)),
+    "coverage_unwritten": ("coverage", "refuse", _coverage(_coverage_unwritten)),
+    "coverage_not_adding_up": (
+        "coverage", "refuse", _coverage(lambda g, _: g.attrs.__setitem__("total_parameters", np.int64(7)))
+    ),
     # heaps
     "heap_zero_free_space": ("heaps", "refuse", _heap_zero),
     "heap_size_over_zeros": ("heaps", "refuse", _heap_size),

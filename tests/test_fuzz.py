@@ -34,6 +34,7 @@ ALL_COMMANDS = (
     "attr_empty_fisher",
     "config_data_path",
     "weight_nan",
+    "norm_huge_channels",
 )
 MEMORY = 1 << 30  # "under 1 GB for a file under 1 MB"
 TIMEOUT = 60.0

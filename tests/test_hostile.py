@@ -189,6 +189,13 @@ def test_options_cannot_size_allocations(capsys, tmp_path):
     one_line_error(
         status, err, "model 'mlp' (75,000,000,010 parameters) would take 300 GB", "more than the limit"
     )
+    status, _, err = run(  # train refuses it too, and leaves no empty run folder behind
+        ["train", "--model", "mlp", "--model-arg", "widths=1000000000", "--steps", "1", "-o",
+         tmp_path / "run"],
+        capsys,
+    )
+    one_line_error(status, err, "model 'mlp' (75,000,000,010 parameters) would take 300 GB")
+    assert not list(tmp_path.iterdir())
     for argv, fragment in [
         (["--d", "10000000000"], "d = 10000000000 dimensions (about 256 bytes each) would take 2.56 TB"),
         (["--lr-grid", "1000000000"], "a sweep of 1000000000 (batch size, grid point) pairs"),
@@ -216,6 +223,23 @@ def test_factor_sums_that_cannot_fit_are_refused_before_capture():
         FactorAccumulator(model)
 
 
+def test_norm_blocks_that_cannot_fit_are_refused_before_capture(monkeypatch):
+    """A normalisation layer's (γ, β) is a NormAffine entry whose A is C blocks of 2 x 2: C = 2^26
+    channels in float64 is 2 GiB of factor sums, over the 1 GiB budget of an 8 GiB machine."""
+    import torch
+
+    from curvlab.capture.factors import FactorAccumulator
+    from curvlab.errors import OptionError
+
+    monkeypatch.setenv("CURVLAB_MAX_MEMORY", "8G")
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.LayerNorm(1 << 26))
+    with pytest.raises(OptionError, match=r"largest: 0, A 67108864 blocks of 2x2, S 1x1\) would take 2.15"):
+        FactorAccumulator(model, dtype=torch.float64)
+    with torch.device("meta"):  # 2^24 channels: 512 MiB of blocks, within the budget
+        FactorAccumulator(torch.nn.Sequential(torch.nn.LayerNorm(1 << 24)), dtype=torch.float64)
+
+
 def test_limits_follow_the_address_space_and_the_override(monkeypatch):
     monkeypatch.setenv("CURVLAB_MAX_MEMORY", "16G")
     assert limits.memory_limit() == 16 << 30 and limits.array_limit() == 2 << 30
@@ -224,6 +248,49 @@ def test_limits_follow_the_address_space_and_the_override(monkeypatch):
         limits.memory_limit()
     monkeypatch.delenv("CURVLAB_MAX_MEMORY")
     assert limits.memory_limit() <= limits._physical_memory()
+
+
+@pytest.mark.parametrize(
+    ("name", "fragment"),
+    [
+        ("norm_huge_channels", "layer norm: A (1099511627776x2x2 float64) would take 35.2 TB"),
+        ("norm_huge_k", "layer norm: A has shape (4, 1048576, 1048576) but NormAffine"),
+        ("norm_unwritten", "layer norm: A was never fully written (0 of its 30 chunks are stored)"),
+        ("norm_shape_overflow", "needs 18446744073709551616 blocks of 2 x 2"),
+        ("norm_nine_axes", "NormAffine needs 1 to 8 entries"),
+        ("norm_version_1", "module_type NormAffine needs format_version 2, the file has 1"),
+        ("norm_nan_block", "layer norm: A has non-finite values"),
+        ("norm_asymmetric_block", "layer norm: A is not symmetric: block 2"),
+        ("norm_indefinite_block", "layer norm: A is not positive semi-definite: block 1"),
+        ("norm_1e308_blocks", "layer norm: A is too large: its trace overflows float64"),
+    ],
+)
+def test_hostile_norm_entries_are_one_line(corpus, capsys, tmp_path, name, fragment):
+    """NormAffine entries (format 2): a blocks A (C, k, k) is sized from weight_shape, its declared
+    shape and storage checked before it is read, its blocks validated like dense factors."""
+    path = corpus["crafted"](name)
+    before = sha(path)
+    for argv in (["info", path], ["spectrum", path, "-o", tmp_path / "s.h5", "--quiet"], ["fit", path]):
+        one_line_error(*run(argv, capsys)[::2], fragment)
+    assert not (tmp_path / "s.h5").exists() and sha(path) == before
+    status, out, err = run(["info", corpus["crafted"]("norm_ok"), "--json"], capsys)
+    assert status == 0, err
+    (norm,) = [layer for layer in json.loads(out)["steps"][0]["layers"] if layer["name"] == "norm"]
+    assert norm["A_kind"] == "blocks" and norm["A_shape"] == [6, 2, 2] and norm["A"]["trace"] == 18.0
+
+
+@pytest.mark.parametrize(
+    ("name", "fragment"),
+    [
+        ("coverage_external", "step 0: coverage: skipped_parameters is an external link to"),
+        ("coverage_unwritten", "step 0: coverage: skipped_name has 1099511627776 entries (at most 1000000)"),
+        ("coverage_not_adding_up", "step 0: coverage does not add up"),
+    ],
+)
+def test_hostile_coverage_groups_are_one_line(corpus, capsys, name, fragment):
+    """A step's coverage group (format 2) is read through the same checks as the factors."""
+    line = one_line_error(*run(["info", corpus["crafted"](name), "--json"], capsys)[::2], fragment)
+    assert "7.0" not in line  # nothing read from the outside file
 
 
 # --------------------------------------------------------------------------------------------------
