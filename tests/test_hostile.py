@@ -211,6 +211,28 @@ def test_options_cannot_size_allocations(capsys, tmp_path):
     assert time.monotonic() - start < 5
 
 
+def test_own_model_arguments_cannot_size_allocations(capsys, tmp_path):
+    """--model PATH.py:FUNC: the factory runs on the meta device first; a model over the budget is one
+    line with its size; a factory whose code cannot run on meta (it reads a value) is built as it is."""
+    own = ROOT / "tests" / "own_models" / "cnn.py"
+    argv = ["factors", "--model", f"{own}:build", "--data", "digits", "--examples", "8", "--quiet"]
+    status, _, err = run([*argv, "--model-arg", "width=300000", "-o", tmp_path / "x.h5"], capsys)
+    one_line_error(status, err, "(1,620,006,900,010 parameters) would take 6.48 TB", "more than the limit")
+    assert not list(tmp_path.iterdir())
+    factory = tmp_path / "reads_values.py"
+    factory.write_text(
+        "import torch\n"
+        "def build(input_shape, num_classes):\n"
+        "    width = int(torch.ones(()).item()) * 4  # .item() has no value on the meta device\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, width), torch.nn.ReLU(),\n"
+        "                               torch.nn.Linear(width, num_classes))\n"
+    )
+    argv[2] = f"{factory}:build"
+    status, _, err = run([*argv, "-o", tmp_path / "y.h5"], capsys)
+    assert status == 0, err
+    assert (tmp_path / "y.h5").is_file()
+
+
 def test_factor_sums_that_cannot_fit_are_refused_before_capture():
     import torch
 

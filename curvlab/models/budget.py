@@ -35,3 +35,21 @@ def build_within_budget(what: str, build: Callable[[], nn.Module]) -> nn.Module:
     del probe
     check_size(f"{what} ({count:,} parameters)", nbytes, ModelError)
     return build()
+
+
+def build_own_within_budget(what: str, build: Callable[[], nn.Module]) -> nn.Module:
+    """:func:`build_within_budget` for a user's factory (``--model PATH.py:FUNC``), whose code may not
+    run on the ``meta`` device (it reads a tensor's values, loads weights, ...): a probe that raises or
+    returns something else is skipped and the model is built as it is (its own code's failures are
+    then reported by the caller, as before). A probe that succeeds and is over the budget is refused."""
+    try:
+        with torch.device("meta"):
+            probe = build()
+    except Exception:  # noqa: BLE001 (the user's code: whatever fails on meta is decided by the real build)
+        probe = None
+    if isinstance(probe, nn.Module):
+        count, nbytes = model_bytes(probe)
+        del probe
+        check_size(f"{what} ({count:,} parameters)", nbytes, ModelError)
+    return build()
+
