@@ -372,6 +372,17 @@ def _block_values(change: Callable[[np.ndarray], None]) -> Callable[[h5py.Group,
     return make
 
 
+def _other_model(f: h5py.File, _: Path) -> None:
+    """The first layer's entry made valid for a Linear of another shape (2 inputs and a bias): a
+    well-formed file that does not fit the model its /model config names."""
+    layer = _first(f)[1]
+    m = layer["S"].shape[0]
+    layer.attrs["weight_shape"] = np.array([m, 2], dtype=np.int64)
+    layer.attrs["has_bias"] = True
+    del layer["A"]
+    layer.create_dataset("A", data=np.eye(3))
+
+
 def _coverage(fn: Callable[[h5py.Group, Path], None]) -> Builder:
     """Change the last step's ``coverage`` group (format 2: which parameters the factors cover)."""
     return _edit(lambda f, outside: fn(_first(f)[0]["coverage"], outside))
@@ -569,6 +580,7 @@ CRAFTED: dict[str, tuple[str, str, Builder]] = {
     "norm_1e308_blocks": (
         "norm", "refuse", _norm_entry(6, _block_values(lambda a: a.__setitem__((slice(None), 0, 0), 1e308)))
     ),
+    "shape_other_model": ("shapes", "accept", _edit(_other_model)),
     # the coverage group of a step (format 2)
     "coverage_external": ("coverage", "refuse", _coverage(_coverage_external)),
     "coverage_unwritten": ("coverage", "refuse", _coverage(_coverage_unwritten)),

@@ -35,6 +35,7 @@ ALL_COMMANDS = (
     "config_data_path",
     "weight_nan",
     "norm_huge_channels",
+    "shape_other_model",
 )
 MEMORY = 1 << 30  # "under 1 GB for a file under 1 MB"
 TIMEOUT = 60.0

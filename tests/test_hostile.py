@@ -525,6 +525,24 @@ def _read_only_folder(folder: Path) -> bool:
     return done.returncode == 0
 
 
+@pytest.mark.parametrize(
+    ("name", "fragment"),
+    [
+        ("norm_ok", "layer norm of the eigenbasis is not a layer of the model"),
+        ("shape_other_model", "layer hidden.0: an eigenbasis of shape (128, 3) does not fit the layer"),
+    ],
+)
+def test_layers_that_do_not_fit_the_rebuilt_model_are_one_line(corpus, capsys, tmp_path, name, fragment):
+    """gradcov rebuilds the model the checkpoint names: a well-formed entry that is not one of its
+    layers, or of another shape, is refused before the work (a ValueError traceback before)."""
+    path = corpus["crafted"](name)
+    one_line_error(
+        *run(["gradcov", path, "-o", tmp_path / "g.h5", "--examples", "16", "--quiet"], capsys)[::2],
+        f"{path}: step 0: {fragment}",
+    )
+    assert not list(tmp_path.iterdir())
+
+
 def test_train_into_a_read_only_folder_is_one_line(capsys, tmp_path):
     folder = tmp_path / "ro"
     folder.mkdir()

@@ -137,6 +137,20 @@ def run_gradcov(
     return GradcovResult(stats, selected, fvp, route, task.loss)
 
 
+def check_bases_fit(model: nn.Module, bases: Mapping[str, LayerBasis], where: str) -> None:
+    """Refuse, before any work, an eigenbasis that is not one of the model's entries with factors or
+    does not fit its shape (a checkpoint holding a layer the rebuilt model lacks, or a weight_shape
+    that differs): one :class:`~curvlab.errors.CheckpointError` line ``where: layer L: ...``."""
+    from curvlab.analysis.gradcov import _check_basis, _sources
+    from curvlab.errors import CheckpointError
+
+    try:
+        for name, (source, adapter) in _sources(model, list(bases)).items():
+            _check_basis(name, source, adapter, bases[name])
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: {exc} (was the checkpoint written for this model?)") from None
+
+
 def check_finite_result(result: GradcovResult, where: str) -> None:
     """Refuse statistics that overflowed (NaN or inf) before anything is summarised or written."""
     from curvlab.errors import CurvlabError

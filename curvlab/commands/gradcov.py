@@ -105,6 +105,7 @@ def run_gradcov(args: argparse.Namespace) -> int:
     from curvlab.analysis.gradcov_run import (
         auto_route,
         bases_from_checkpoint,
+        check_bases_fit,
         check_finite_result,
         run_gradcov,
         write_result,
@@ -156,6 +157,7 @@ def run_gradcov(args: argparse.Namespace) -> int:
         if not names:
             raise OptionError(f"{args.checkpoint}: no layer matches --layers {' '.join(args.layers)}")
     bases = bases_from_checkpoint(args.checkpoint, source.step, names)
+    check_bases_fit(model, bases, f"{args.checkpoint}: step {source.step}")
     task = Task(_checkpoint_loss(args, source.step))
     dtype = getattr(torch, args.dtype)
     model.to(device=device, dtype=dtype)
