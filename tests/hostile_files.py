@@ -373,10 +373,11 @@ def _block_values(change: Callable[[np.ndarray], None]) -> Callable[[h5py.Group,
 
 
 def _other_model(f: h5py.File, _: Path) -> None:
-    """The first layer's entry made valid for a Linear of another shape (2 inputs and a bias): a
+    """The first layer's entry made a valid Linear of another shape (2 inputs and a bias): a
     well-formed file that does not fit the model its /model config names."""
     layer = _first(f)[1]
     m = layer["S"].shape[0]
+    layer.attrs["module_type"] = "Linear"  # whatever it was (the transformer's first entry is a norm)
     layer.attrs["weight_shape"] = np.array([m, 2], dtype=np.int64)
     layer.attrs["has_bias"] = True
     del layer["A"]
