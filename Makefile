@@ -12,7 +12,7 @@ else
 TORCH ?= torch==2.13.0
 endif
 
-.PHONY: install test test-all lint peers bench figures sweeps clean
+.PHONY: install test test-all lint peers bench fuzz figures sweeps clean
 .DELETE_ON_ERROR:
 
 install: $(STAMP)
@@ -28,6 +28,14 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The long fuzz run of issue 15 (docs/reliability.md): hostile and damaged checkpoints of four models
+# through info, spectrum, fit and gradcov, each in a child with resource limits (make test runs a
+# bounded part of it: tests/test_fuzz.py). FUZZ_CASES byte-level mutations; the figures go to
+# fuzz-report.json.
+FUZZ_CASES ?= 2000
+fuzz: $(STAMP)
+	$(BIN)/python tests/fuzz_runner.py --cases $(FUZZ_CASES) --report fuzz-report.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check curvlab tests benchmarks analyses

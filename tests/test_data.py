@@ -458,13 +458,13 @@ def test_npz_errors(tmp_path: Path, arrays: dict, message: str) -> None:
 
 
 def test_npz_missing_or_not_npz(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="not found"):
+    with pytest.raises(DataError, match="none.npz: npz file not found"):
         load_dataset(f"npz:{tmp_path / 'none.npz'}")
     (tmp_path / "junk.npz").write_bytes(b"this is not a zip file")
     with pytest.raises(DataError, match="junk.npz: cannot read npz"):
         load_dataset(f"npz:{tmp_path / 'junk.npz'}")
     np.save(tmp_path / "single.npy", np.zeros(3))
-    with pytest.raises(DataError, match="single.npy: not an .npz archive"):
+    with pytest.raises(DataError, match="single.npy: cannot read npz: not an .npz archive"):
         load_dataset(f"npz:{tmp_path / 'single.npy'}")
 
 

@@ -137,10 +137,14 @@ def test_hostile_ekfac_files_fail_in_one_line(files, tmp_path, capsys):
     assert err.startswith("curvlab: error:") and "Traceback" not in err
 
 
-@pytest.mark.parametrize("defect", ["version_1", "order", "blocks_shape"])
+@pytest.mark.parametrize(
+    "defect", ["version_1", "order", "blocks_shape", "huge_channels", "blocks_unwritten", "external_basis"]
+)
 def test_hostile_blocks_entries_fail_in_one_line(files, tmp_path, defect):
     """A NormAffine entry's blocks basis: only in version 2, its order a permutation, its eigenvectors
-    ``(C, k, k)`` — each checked before its data is used."""
+    ``(C, k, k)`` — each checked before its data is used; declared sizes are checked against the memory
+    budget and the stored chunks before anything is read, and nothing outside the file is followed
+    (issue 15)."""
     _, ek, _ = files
     bad = tmp_path / "bad.h5"
     bad.write_bytes(ek.read_bytes())
@@ -156,10 +160,26 @@ def test_hostile_blocks_entries_fail_in_one_line(files, tmp_path, defect):
             order[0] = order[1]
             h["A_order"][...] = order
             match = f"layer {name}: A_order is not a permutation"
-        else:
+        elif defect == "blocks_shape":
             del h["A_eigenvectors"]
             h["A_eigenvectors"] = np.eye(16)
             match = f"layer {name}: A_eigenvectors has shape \\(16, 16\\)"
+        elif defect == "huge_channels":  # 2^40 channels declared, their eigenvalues never written
+            h.attrs["weight_shape"] = np.array([1 << 40], dtype=np.int64)
+            del h["eigenvalues"]
+            h.create_dataset("eigenvalues", shape=(1, 1 << 41), dtype="f8", chunks=(1, 1 << 16))
+            match = f"layer {name}: eigenvalues \\(1x2199023255552 float64\\) would take 17.6 TB"
+        elif defect == "blocks_unwritten":
+            shape = h["A_eigenvectors"].shape
+            del h["A_eigenvectors"]
+            h.create_dataset("A_eigenvectors", shape=shape, dtype="f8", chunks=(1, *shape[1:]))
+            match = f"layer {name}: A_eigenvectors was never fully written \\(0 of its {shape[0]} chunks"
+        else:
+            with h5py.File(tmp_path / "other.h5", "w") as other:
+                other["v"] = h["A_eigenvectors"][()]
+            del h["A_eigenvectors"]
+            h["A_eigenvectors"] = h5py.ExternalLink(str(tmp_path / "other.h5"), "/v")
+            match = f"layer {name}: A_eigenvectors is an external link"
     with pytest.raises(CheckpointError, match=match) as err:
         read_ekfac(str(bad))
     assert "\n" not in str(err.value)

@@ -201,8 +201,8 @@ def test_text_errors(tmp_path: Path, content: str | bytes, kwargs: dict, message
 def test_text_missing_file_and_bad_spec(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="nope.txt: text file not found"):
         load_dataset(f"text:{tmp_path / 'nope.txt'}")
-    with pytest.raises(DataError, match="text file not found"):
-        load_dataset(f"text:{tmp_path}")  # a folder is not a file
+    with pytest.raises(DataError, match="is a folder, not a text file"):
+        load_dataset(f"text:{tmp_path}")
     for spec in ("text:", "text", "pystdlib:x"):
         with pytest.raises(DataError, match="unknown data source"):
             load_dataset(spec)

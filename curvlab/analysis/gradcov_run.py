@@ -77,6 +77,7 @@ def bases_from_checkpoint(path: str, step: int, layers: Sequence[str] | None = N
 
     with CheckpointReader(path) as reader:
         names = reader.layer_names(step) if layers is None else list(layers)
+        reader.check_layers(step, names)  # a damaged layer fails before any decomposition
         bases = {}
         for name in names:
             factors = reader.read_factors(step, name)
@@ -134,6 +135,36 @@ def run_gradcov(
             if picks else np.zeros(0)
         )
     return GradcovResult(stats, selected, fvp, route, task.loss)
+
+
+def check_bases_fit(model: nn.Module, bases: Mapping[str, LayerBasis], where: str) -> None:
+    """Refuse, before any work, an eigenbasis that is not one of the model's entries with factors or
+    does not fit its shape (a checkpoint holding a layer the rebuilt model lacks, or a weight_shape
+    that differs): one :class:`~curvlab.errors.CheckpointError` line ``where: layer L: ...``."""
+    from curvlab.analysis.gradcov import _check_basis, _sources
+    from curvlab.errors import CheckpointError
+
+    try:
+        for name, (source, adapter) in _sources(model, list(bases)).items():
+            _check_basis(name, source, adapter, bases[name])
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: {exc} (was the checkpoint written for this model?)") from None
+
+
+def check_finite_result(result: GradcovResult, where: str) -> None:
+    """Refuse statistics that overflowed (NaN or inf) before anything is summarised or written."""
+    from curvlab.errors import CurvlabError
+
+    for name, stats in result.layers.items():
+        for key in ("kfac_eigenvalue", "mean", "variance", "second_moment", "curvature"):
+            value = getattr(stats, key)
+            if value is not None and not np.isfinite(value).all():
+                raise CurvlabError(
+                    f"{where}: layer {name}: the {key.replace('_', ' ')} of the gradients is not finite "
+                    "(NaN or inf): weights or data too large for the model's precision?"
+                )
+        if name in result.fvp_curvature and not np.isfinite(result.fvp_curvature[name]).all():
+            raise CurvlabError(f"{where}: layer {name}: the jvp curvature is not finite (NaN or inf)")
 
 
 NULL_FLOOR = 1e-12

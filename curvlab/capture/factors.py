@@ -55,7 +55,9 @@ from curvlab.capture.loss import FISHER_TYPES, logit_gradient_samples
 from curvlab.capture.sums import _discard, _NormState, _seen, _State, _state, _why_skipped
 from curvlab.capture.task import Task, batch_context, batch_size, default_task
 from curvlab.errors import LayerError, OptionError
-from curvlab.io.checkpoint import LayerFactors, Step, append_step, save
+from curvlab.io.checkpoint import LayerFactors, Step, append_step, expected_factor_sizes, save
+from curvlab.io.checkpoint.format import block_size
+from curvlab.limits import check_size
 
 FactorSource = nn.Module | layer_math.TiedPair | layer_math.Projection
 
@@ -81,6 +83,29 @@ def select_layers(
     that matches no entry is an error.
     """
     return plan_layers(model, patterns).selected
+
+
+def check_factor_memory(selected: Mapping[str, tuple[FactorSource, Any]], dtype: torch.dtype) -> None:
+    """Refuse, before any batch, factors whose sums would not fit the memory budget (one line naming
+    the largest layer): a 3e6-wide input makes a Linear's ``A`` 3e6 x 3e6 (72 TB in float64)."""
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    sizes = {}
+    for name, (source, adapter) in selected.items():
+        shape, bias = adapter.weight_shape(source), adapter.has_bias(source)
+        n, m = expected_factor_sizes(adapter.module_type, shape, bias)
+        k = block_size(adapter.module_type, bias) or 1  # a blocks A: n blocks of k x k
+        elements_a = {"dense": n * n, "blocks": n * k * k}.get(adapter.input_kind, n)
+        elements_s = m * m if getattr(adapter, "output_kind", "dense") == "dense" else m
+        text_a = f"{n} blocks of {k}x{k}" if adapter.input_kind == "blocks" else f"{n}x{n}"
+        sizes[name] = (elements_a + elements_s) * itemsize, f"A {text_a}, S {m}x{m}"
+    if not sizes:
+        return
+    largest = max(sizes, key=lambda entry: sizes[entry][0])
+    check_size(
+        f"the K-FAC factors of {len(sizes)} layers (largest: {largest}, {sizes[largest][1]})",
+        sum(v[0] for v in sizes.values()),
+        OptionError,
+    )
 
 
 class FactorAccumulator:
@@ -133,6 +158,7 @@ class FactorAccumulator:
                 "MultiheadAttention, or the affine parameters of a normalisation layer); "
                 + measure(model, self.plan, set()).summary()
             )
+        check_factor_memory(self.plan.selected, dtype)
         self.layers: dict[str, _State] = {
             name: _state(name, source, adapter, batch_norm)
             for name, (source, adapter) in self.plan.selected.items()

@@ -1,8 +1,13 @@
 """The ``curvlab`` command line: thin argparse wrappers over the library.
 
 Every command prints a short summary on stdout (or one JSON object with ``--json``), shows progress on
-stderr when it is a terminal, turns a user error into one line ``curvlab: error: ...`` on stderr with
-exit status 2, and a warning into one line ``curvlab: warning: ...``.
+stderr when it is a terminal, and turns a user error into one line ``curvlab: error: ...`` on stderr with
+exit status 2: a :class:`~curvlab.errors.CurvlabError` from the library, or a bad option (every parser is
+a :class:`~curvlab.commands.common.ArgumentParser`). Warnings are one line ``curvlab: warning: ...`` each,
+each printed once. A reader that stops reading early (``curvlab info x.h5 | head``) ends the command
+quietly with status 0, as ``head`` asked for no more. Every command but ``train`` and ``sweep`` (which
+commit their files one by one, to resume) writes its outputs together when it succeeds and none when it
+fails (:func:`curvlab.io.atomic.all_or_nothing`).
 
 One module per command, each with its parser (``_add_<command>``) and its runner (``run_<command>``):
 :mod:`~curvlab.commands.factors`, :mod:`~curvlab.commands.info`, :mod:`~curvlab.commands.spectrum`,
@@ -20,12 +25,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
-import warnings
 from collections.abc import Sequence
 
 from curvlab import __version__
-from curvlab.commands.common import EXIT_USAGE, _one_line, _process_prefix
+from curvlab.commands.common import EXIT_USAGE, ArgumentParser, _one_line, _process_prefix, one_line_warnings
 from curvlab.commands.compare import _add_compare
 from curvlab.commands.factors import _add_factors
 from curvlab.commands.fit import _add_fit
@@ -36,10 +41,15 @@ from curvlab.commands.spectrum import _add_spectrum
 from curvlab.commands.sweep import _add_sweep
 from curvlab.commands.train import _add_train
 from curvlab.errors import CurvlabError, OptionError
+from curvlab.io.atomic import all_or_nothing
 from curvlab.launch import launched
 
 __all__ = ["DISTRIBUTED_COMMANDS", "build_parser", "main"]
 
+
+# Commands whose files are committed one by one as they go, so that a killed run resumes: their outputs
+# are not held back until the command ends (every other command's are: io.atomic.all_or_nothing).
+INCREMENTAL_COMMANDS = ("train", "sweep")
 
 # Commands that share their work across the processes of ``torchrun`` (docs/distributed.md).
 DISTRIBUTED_COMMANDS = ("factors", "gradcov", "spectrum", "train")
@@ -52,25 +62,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     (:mod:`curvlab.distributed`); only process 0 writes files and prints the summary.
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    with one_line_warnings():
+        try:
+            args = parser.parse_args(argv)
+            if launched() and args.command not in DISTRIBUTED_COMMANDS:
+                raise OptionError(f"curvlab {args.command} runs in one process; start it without torchrun "
+                                  f"(distributed commands: {', '.join(DISTRIBUTED_COMMANDS)})")
+            outputs = contextlib.nullcontext() if args.command in INCREMENTAL_COMMANDS else all_or_nothing()
+            with _session(args.command), outputs:
+                status = int(args.handler(args) or 0)
+            sys.stdout.flush()  # a closed pipe shows here, not at exit
+            return status
+        except CurvlabError as exc:
+            print(f"curvlab: error: {_process_prefix(exc)}{_one_line(exc)}", file=sys.stderr)
+            return int(getattr(exc, "exit_status", EXIT_USAGE))
+        except BrokenPipeError:
+            _silence_stdout()
+            return 0
+        except KeyboardInterrupt:
+            print("curvlab: interrupted", file=sys.stderr)
+            return 130
+
+
+def _silence_stdout() -> None:
+    """After the reader of stdout went away: point stdout at /dev/null so that Python's final flush
+    at exit does not raise (and print) a second BrokenPipeError."""
     try:
-        if launched() and args.command not in DISTRIBUTED_COMMANDS:
-            raise OptionError(f"curvlab {args.command} runs in one process; start it without torchrun "
-                              f"(distributed commands: {', '.join(DISTRIBUTED_COMMANDS)})")
-        with _session(args.command), warnings.catch_warnings():
-            warnings.showwarning = _one_line_warning
-            return int(args.handler(args) or 0)
-    except CurvlabError as exc:
-        print(f"curvlab: error: {_process_prefix(exc)}{_one_line(exc)}", file=sys.stderr)
-        return int(getattr(exc, "exit_status", EXIT_USAGE))
-    except KeyboardInterrupt:
-        print("curvlab: interrupted", file=sys.stderr)
-        return 130
-
-
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """A warning during a command: one line ``curvlab: warning: ...`` on stderr (no source line)."""
-    print(f"curvlab: warning: {_one_line(message)}", file=sys.stderr if file is None else file)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a real file (tests): nothing to flush at exit
+        pass
 
 
 def _session(command: str) -> contextlib.AbstractContextManager:
@@ -87,7 +109,7 @@ def _session(command: str) -> contextlib.AbstractContextManager:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="curvlab",
         description="Curvature analysis of neural networks: K-FAC factors, eigenspectra, NQM.",
     )

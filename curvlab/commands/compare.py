@@ -16,7 +16,15 @@ import argparse
 import json
 
 from curvlab.choices import DATA_SOURCES, DEVICE_CHOICES
-from curvlab.commands.common import _check_writable, _positive_int, _refuse_input_as_output, _write
+from curvlab.commands.common import (
+    _check_plot,
+    _check_writable,
+    _load_data,
+    _positive_int,
+    _refuse_input_as_output,
+    _write,
+    dump_json,
+)
 from curvlab.errors import OptionError
 
 
@@ -103,21 +111,24 @@ def run_compare(args: argparse.Namespace) -> int:
     from curvlab.device import resolve_device
     from curvlab.io.atomic import atomic_output
     from curvlab.io.checkpoint import load
-    from curvlab.io.data import iterate_batches, load_dataset
-    from curvlab.io.restore import rebuild_model
+    from curvlab.io.data import iterate_batches
+    from curvlab.io.restore import check_data_fits, rebuild_model
     from curvlab.models import data_options
 
-    for path, what in ((args.output, "-o"), (args.plot, "--plot")):
-        if path:
-            _refuse_input_as_output(args.checkpoint, path, what)
-            _check_writable(path)
+    if args.output:
+        _refuse_input_as_output(args.checkpoint, args.output, "-o")
+        _check_writable(args.output)
+    _check_plot(args.plot, args.checkpoint)
     if args.trace_probes < 2:
         raise OptionError(f"--trace-probes {args.trace_probes}: Hutchinson needs at least 2")
     device = resolve_device(args.device)
     model, source = rebuild_model(args.checkpoint, args.step)
-    data_spec = args.data or (source.config or {}).get("data", "digits")
+    recorded = (source.config or {}).get("data")
+    data_spec = args.data or (recorded if isinstance(recorded, str) else "digits")
     options = data_options(source.model_name, (source.config or {}).get("args", {}))
-    data = load_dataset(data_spec, split="train", limit=args.examples, **options)
+    data = _load_data(data_spec, named=args.data is not None, recorded_in=args.checkpoint,
+                      limit=args.examples, **options)
+    check_data_fits(source, data_spec, data.input_shape, data.num_classes)
     model.to(device=device, dtype=torch.float64)
     batches = [
         ((x.to(torch.float64) if x.is_floating_point() else x).to(device), y.to(device))
@@ -178,7 +189,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
         _write(write, args.output)
     if args.json:
-        print(json.dumps(summary))
+        print(dump_json(summary))
     else:
         print(_format(summary))
     return 0

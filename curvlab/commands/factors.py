@@ -15,7 +15,6 @@ the checkpoint's. Runs data-parallel under ``torchrun``; torch is imported only 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -32,6 +31,7 @@ from curvlab.commands.common import (
     _positive_int,
     _refuse_input_as_output,
     _write,
+    dump_json,
 )
 from curvlab.errors import LayerError, ModelError, OptionError
 
@@ -162,7 +162,7 @@ def run_factors(args: argparse.Namespace) -> int:
         "coverage": factors.coverage.to_json(),
     }
     if args.json:
-        print(json.dumps(summary))
+        print(dump_json(summary))
     else:
         print(
             f"wrote {args.output}: step {step}, {len(factors)} layers of {name}, "

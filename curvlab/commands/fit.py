@@ -11,10 +11,9 @@ imported only when the command runs.
 from __future__ import annotations
 
 import argparse
-import json
 
 from curvlab.choices import DEVICE_CHOICES
-from curvlab.commands.common import _check_writable, _refuse_input_as_output, _write
+from curvlab.commands.common import _check_plot, _write, dump_json
 from curvlab.errors import OptionError
 
 
@@ -73,9 +72,7 @@ def run_fit(args: argparse.Namespace) -> int:
     if not 0.0 < args.confidence < 1.0:
         raise OptionError(f"--confidence {args.confidence}: must lie strictly between 0 and 1")
     resolve_device(args.device)
-    if args.plot:
-        _refuse_input_as_output(args.checkpoint, args.plot, "--plot")
-        _check_writable(args.plot)
+    _check_plot(args.plot, args.checkpoint)
     number, layers = load_layer_eigenvalues(
         args.checkpoint, step=step, layers=args.layers, device=args.device, progress=not args.quiet
     )
@@ -90,7 +87,7 @@ def run_fit(args: argparse.Namespace) -> int:
         _write(lambda: plot_rank_law(result.fit, args.plot, title=title), args.plot)
         summary["plot"] = args.plot
     if args.json:
-        print(json.dumps(summary))
+        print(dump_json(summary))
     else:
         print(_format_fit(summary))
     return 0

@@ -16,13 +16,13 @@ data-parallel under ``torchrun``; torch is imported only when the command runs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from curvlab.choices import DATA_SOURCES, DEVICE_CHOICES
 from curvlab.commands.common import (
     _add_loss_options,
     _add_model_options,
+    _check_plot,
     _check_writable,
     _load_data,
     _loss_given,
@@ -31,9 +31,10 @@ from curvlab.commands.common import (
     _positive_int,
     _refuse_input_as_output,
     _write,
+    dump_json,
 )
 from curvlab.errors import OptionError
-from curvlab.io.atomic import derived_path
+from curvlab.io.atomic import derived_path, same_file
 
 
 def _add_gradcov(commands: argparse._SubParsersAction) -> None:
@@ -104,13 +105,15 @@ def run_gradcov(args: argparse.Namespace) -> int:
     from curvlab.analysis.gradcov_run import (
         auto_route,
         bases_from_checkpoint,
+        check_bases_fit,
+        check_finite_result,
         run_gradcov,
         write_result,
     )
     from curvlab.capture.task import Task
     from curvlab.device import resolve_device
     from curvlab.io.data import iterate_batches
-    from curvlab.io.restore import rebuild_model
+    from curvlab.io.restore import check_data_fits, check_outputs, rebuild_model
     from curvlab.models import data_options
     from curvlab.usercode import is_factory_spec
 
@@ -123,10 +126,11 @@ def run_gradcov(args: argparse.Namespace) -> int:
         if args.ekfac_moments == "fisher" and args.curvature == "fvp":
             raise OptionError("--ekfac with --curvature fvp has no Fisher second moments: use "
                               "--ekfac-moments empirical or another --curvature")
+    if args.plot and same_file(args.plot, output):
+        raise OptionError(f"{args.plot}: --plot and -o name the same file")
     if ctx.is_main:
         _check_writable(output)
-        if args.plot:
-            _check_writable(args.plot)
+        _check_plot(args.plot, args.checkpoint)
         if args.ekfac:
             _check_writable(args.ekfac)
     if args.directions < 0:
@@ -142,6 +146,7 @@ def run_gradcov(args: argparse.Namespace) -> int:
     options = {} if not isinstance(name, str) or is_factory_spec(name) else data_options(name, model_args)
     data = _load_data(data_spec, named=args.data is not None, recorded_in=args.checkpoint,
                       limit=args.examples, **options)
+    check_data_fits(source, data_spec, data.input_shape, data.num_classes)
     if len(data) < 2:
         raise OptionError(f"--data {data_spec}: the gradient variance needs at least 2 examples")
     layer_types = _checkpoint_layers(args.checkpoint, source.step)
@@ -152,11 +157,15 @@ def run_gradcov(args: argparse.Namespace) -> int:
         if not names:
             raise OptionError(f"{args.checkpoint}: no layer matches --layers {' '.join(args.layers)}")
     bases = bases_from_checkpoint(args.checkpoint, source.step, names)
+    check_bases_fit(model, bases, f"{args.checkpoint}: step {source.step}")
     task = Task(_checkpoint_loss(args, source.step))
     dtype = getattr(torch, args.dtype)
     model.to(device=device, dtype=dtype)
     torch.manual_seed(args.seed)
     batches = [Task.move(batch, dtype=dtype) for batch in iterate_batches(data, args.batch_size)]
+    check_outputs(model, task.split_batch(Task.move(batches[0], device=device))[0],
+                  f"{args.checkpoint}: step {source.step}", forward=task.forward,
+                  saturation=task.loss.name == "cross-entropy")
     distributed.barrier("checking the options")
     route = args.curvature
     if route == "auto":  # exact: at most 100 backward passes per batch (classes × label locations)
@@ -165,6 +174,7 @@ def run_gradcov(args: argparse.Namespace) -> int:
         model, batches, bases, route=route, directions=args.directions, mc_samples=args.mc_samples,
         seed=args.seed, progress=not args.quiet, task=task,
     ))
+    check_finite_result(result, f"{args.checkpoint}: step {source.step}")
     if not ctx.is_main:
         return 0
     attrs = {"source": os.path.abspath(args.checkpoint), "step": source.step, "data": data_spec,
@@ -183,7 +193,7 @@ def run_gradcov(args: argparse.Namespace) -> int:
         _write(lambda: plot_variance_vs_curvature(result, args.plot, title), args.plot)
         summary["plot"] = args.plot
     if args.json:
-        print(json.dumps(summary))
+        print(dump_json(summary))
     else:
         print(
             f"wrote {output}: {summary['num_directions']} directions over {len(result.layers)} layers, "

@@ -8,8 +8,8 @@ without importing torch.
 from __future__ import annotations
 
 import argparse
-import json
 
+from curvlab.commands.common import dump_json
 from curvlab.errors import CheckpointError
 
 
@@ -37,7 +37,7 @@ def run_info(args: argparse.Namespace) -> int:
         if absent:
             raise CheckpointError(f"{args.checkpoint}: step {absent[0]}: no such step")
     if args.json:
-        print(json.dumps(summary))
+        print(dump_json(summary))
     else:
         print(format_summary(summary))
     return 0

@@ -17,7 +17,7 @@ import json
 import os
 import sys
 
-from curvlab.commands.common import _check_writable, _one_line_parser_error, _write
+from curvlab.commands.common import _check_writable, _write, dump_json
 from curvlab.errors import OptionError
 
 
@@ -28,7 +28,6 @@ def _add_nqm(commands: argparse._SubParsersAction) -> None:
         description="The noisy quadratic model (seed appendices B-E): exact second-moment dynamics of "
         "SGD, heavy-ball momentum and iterate averaging; see docs/nqm.md.",
     )
-    p.error = _one_line_parser_error(p)
     actions = p.add_subparsers(dest="nqm_command", required=True, metavar="ACTION")
     s = actions.add_parser(
         "steps",
@@ -36,7 +35,6 @@ def _add_nqm(commands: argparse._SubParsersAction) -> None:
         description="Steps to reach expected risk < C per batch size (bisection on t), minimised over a "
         "learning-rate grid and, with --momentum tuned / --ema tuned, a decay grid.",
     )
-    s.error = _one_line_parser_error(s)
     s.add_argument("--target", metavar="C", help="target expected risk (required, no default; the default "
                    "problem starts at 4.89)")
     s.add_argument("--batch-sizes", metavar="LIST", help="comma-separated batch sizes; items may be "
@@ -63,7 +61,6 @@ def _add_nqm(commands: argparse._SubParsersAction) -> None:
         help="the numbers and plot of Fig. 11, 13, 14 (a, b, c) or 15",
         description="Write fig<N>.png and fig<N>.json (the numbers behind it) into DIR, atomically.",
     )
-    f.error = _one_line_parser_error(f)
     f.add_argument("number", metavar="N", help="11, 13, 14 (all of 14a, 14b, 14c), 14a, 14b, 14c or 15")
     f.add_argument("--out", metavar="DIR", help="output folder (required, no default; created if missing)")
     f.add_argument("--mode", default=None, metavar="exact|binned", help="problem mode (default: exact, "
@@ -103,18 +100,40 @@ def _parse_count(text: str, name: str) -> int:
         value = int(text)
     except ValueError:
         raise OptionError(f"{name} must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise OptionError(f"{name} must be a positive integer, got {text}")
+    if not 1 <= value <= MAX_COUNT:
+        raise OptionError(f"{name} must be a positive integer up to 2^62, got {text}")
     return value
+
+
+def _check_memory(d: int, points: int = 0) -> None:
+    """Refuse before any work a problem or sweep whose arrays would not fit the memory budget."""
+    from curvlab.limits import check_size
+
+    check_size(f"the NQM in d = {d} dimensions (about {BYTES_PER_DIMENSION} bytes each)",
+               d * BYTES_PER_DIMENSION, OptionError)
+    if points:
+        check_size(f"a sweep of {points} (batch size, grid point) pairs (about {BYTES_PER_POINT} bytes each)",
+                   points * BYTES_PER_POINT, OptionError)
+
+
+#: Largest batch size, step count and grid: the sweeps hold them in int64 arrays.
+MAX_COUNT = 2**62
+#: Memory of the sweep, at most (measured: ~110 bytes per dimension at d = 1e6, ~20 per batch size and
+#: grid point): per dimension of the problem, and per (batch size, grid point) pair.
+BYTES_PER_DIMENSION = 256
+BYTES_PER_POINT = 64
 
 
 def _parse_batch_item(item: str) -> int:
     if "^" in item:
         base, _, power = item.partition("^")
-        value = int(base) ** int(power)
+        b, p = int(base), int(power)
+        if b < 1 or p < 0 or p * max(b.bit_length() - 1, 0) > 62:  # checked before the power is taken
+            raise ValueError
+        value = b**p
     else:
         value = int(item)
-    if value < 1:
+    if not 1 <= value <= MAX_COUNT:
         raise ValueError
     return value
 
@@ -135,8 +154,8 @@ def _parse_batch_sizes(text: str | None) -> list[int]:
             else:
                 sizes.append(_parse_batch_item(item))
         except ValueError:
-            raise OptionError(f"--batch-sizes: {item!r} is not a positive integer, a power like 2^10 or a "
-                              "power-of-two range like 2^2..2^20") from None
+            raise OptionError(f"--batch-sizes: {item!r} is not a positive integer up to 2^62, a power like "
+                              "2^10 or a power-of-two range like 2^2..2^20") from None
     return sizes
 
 
@@ -155,6 +174,7 @@ def _nqm_problem(args: argparse.Namespace, default_mode: str = "exact"):
         raise OptionError(f"--mode must be exact or binned, got {args.mode!r}")
     d = _parse_count(args.d, "--d")
     bins = _parse_count(args.bins, "--bins")
+    _check_memory(max(d, bins))
     return default_problem(d=d, mode=mode, bins=bins)
 
 
@@ -185,12 +205,13 @@ def run_nqm_steps(args: argparse.Namespace) -> int:
     elif kind != "sgd":
         decays = np.array([float(decay)])
     t_max = _parse_count(args.t_max, "--t-max")
+    _check_memory(1, len(batch) * lr_num * len(decays))
     problem = _nqm_problem(args)
     grid = Grid(kind, np.geomspace(lr_min, lr_max, lr_num), decays, precond)
     result = steps_to_target(problem, target, batch, grid, t_max=t_max, progress=not args.quiet)
     records = result.records()
     if args.json:
-        print(json.dumps(records))
+        print(dump_json(records))
         return 0
     print(f"NQM ({problem.mode} mode, d={problem.d}), {kind}"
           + (f" (decay {decay})" if kind != "sgd" else "") + f", precond p={precond:g}, target {target:g}")
@@ -226,13 +247,13 @@ def run_nqm_figure(args: argparse.Namespace) -> int:
     names = _nqm_figure_names(args.number)
     if not args.out:
         raise OptionError("--out DIR is required")
+    needs_problem = [n for n in names if n != "11"]
+    problem = _nqm_problem(args, "binned" if names == ["15"] else "exact") if needs_problem else None
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as exc:
         raise OptionError(f"{args.out}: cannot create the output folder: {exc.strerror or exc}") from None
     _check_writable(os.path.join(args.out, "fig.png"))
-    needs_problem = [n for n in names if n != "11"]
-    problem = _nqm_problem(args, "binned" if names == ["15"] else "exact") if needs_problem else None
 
     def log(text: str) -> None:
         if not args.quiet and not args.json:
@@ -280,7 +301,7 @@ def run_nqm_figure(args: argparse.Namespace) -> int:
                         "d": problem.d if problem and name != "11" else None})
         log(f"[nqm figure {name}] wrote {png} and {js}")
     if args.json:
-        print(json.dumps({"out": args.out, "figures": entries}))
+        print(dump_json({"out": args.out, "figures": entries}))
     else:
         print("wrote " + ", ".join(written))
     return 0

@@ -11,10 +11,9 @@ prints); torch is imported only when the command runs.
 from __future__ import annotations
 
 import argparse
-import json
 
 from curvlab.choices import DEVICE_CHOICES
-from curvlab.commands.common import _check_writable, _write
+from curvlab.commands.common import _check_plot, _check_writable, _write, dump_json
 from curvlab.errors import OptionError
 from curvlab.io.atomic import same_file
 
@@ -70,15 +69,13 @@ def run_spectrum(args: argparse.Namespace) -> int:
     if is_ekfac_file(args.checkpoint):
         return _run_ekfac_spectrum(args, steps) if ctx.is_main else 0
     output = args.output or default_output_path(args.checkpoint)
-    for path, what in ((output, "-o"), (args.plot, "--plot")):
-        if path and same_file(path, args.checkpoint):
-            raise OptionError(f"{path}: refusing to overwrite the input checkpoint; choose another {what}")
+    if same_file(output, args.checkpoint):
+        raise OptionError(f"{output}: refusing to overwrite the input checkpoint; choose another -o")
     if args.plot and same_file(args.plot, output):
         raise OptionError(f"{args.plot}: --plot and -o name the same file")
     if ctx.is_main:
         _check_writable(output)
-        if args.plot:
-            _check_writable(args.plot)
+        _check_plot(args.plot, args.checkpoint)
     distributed.barrier("checking the options")
     result = compute_spectrum(
         args.checkpoint,
@@ -99,7 +96,7 @@ def run_spectrum(args: argparse.Namespace) -> int:
         _write(lambda: plot_eigenvalue_density(result, args.plot), args.plot)
         summary["plot"] = args.plot
     if args.json:
-        print(json.dumps(summary))
+        print(dump_json(summary))
     else:
         print(format_summary(summary))
         if args.plot:
@@ -152,7 +149,7 @@ def _run_ekfac_spectrum(args: argparse.Namespace, steps: int | str) -> int:
         _write(lambda: plot_eigenvalue_density(result, args.plot, title=title), args.plot)
         summary["plot"] = args.plot
     if args.json:
-        print(json.dumps(summary))
+        print(dump_json(summary))
     else:
         print(format_summary(summary).replace("K-FAC eigenvalues", "EKFAC eigenvalues"))
     return 0

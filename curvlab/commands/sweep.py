@@ -9,12 +9,17 @@ and ``steps.png``. ``--resume`` continues a killed sweep; ``--worker`` joins one
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 from curvlab.choices import DATA_SOURCES, DEVICE_CHOICES, FISHER_TYPES, OPTIMIZERS
-from curvlab.commands.common import _add_model_options, _check_writable, _parse_model_args, _positive_int
+from curvlab.commands.common import (
+    _add_model_options,
+    _check_plot,
+    _parse_model_args,
+    _positive_int,
+    dump_json,
+)
 from curvlab.errors import OptionError
 
 #: Options that make up a :class:`curvlab.sweep.config.SweepConfig` (None: not given).
@@ -156,7 +161,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         done = join(url, workers=args.workers, heartbeat=heartbeat, device=device, progress=progress,
                     threads=args.threads, named=named)
         if args.json:
-            print(json.dumps({"worker": True, "trials_done": done.done, "running": done.running,
+            print(dump_json({"worker": True, "trials_done": done.done, "running": done.running,
                               "cells_done": done.cells_done, "cells": done.cells}))
         else:
             print(f"worker finished: {done.line()}")
@@ -170,15 +175,14 @@ def run_sweep(args: argparse.Namespace) -> int:
         raise OptionError(f"--resume with some of the sweep's options: give all of them or none "
                           f"(--{missing[0].replace('_', '-')} is missing)")
     plot = args.plot or os.path.join(args.output, "steps.png")
-    if args.plot:
-        _check_writable(args.plot)
+    _check_plot(args.plot)
     from curvlab.sweep.results import summary
     from curvlab.sweep.run import sweep
 
     results = sweep(config, args.output, storage_url=args.storage, resume=args.resume, workers=args.workers,
                     heartbeat=heartbeat, device=device, plot=plot, progress=progress, threads=args.threads)
     if args.json:
-        print(json.dumps(summary(results)))
+        print(dump_json(summary(results)))
         return 0
     print(f"sweep {'complete' if results['complete'] else 'incomplete'}: wrote "
           f"{os.path.join(args.output, 'results.json')} and {plot}")

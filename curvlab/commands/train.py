@@ -12,11 +12,16 @@ imported only when the command runs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from curvlab.choices import DATA_SOURCES, DEVICE_CHOICES, FISHER_TYPES, OPTIMIZERS, SCHEDULES
-from curvlab.commands.common import _add_loss_options, _add_model_options, _parse_model_args, _positive_int
+from curvlab.commands.common import (
+    _add_loss_options,
+    _add_model_options,
+    _parse_model_args,
+    _positive_int,
+    dump_json,
+)
 from curvlab.errors import OptionError
 
 #: ``curvlab train`` options that map one-to-one onto ``curvlab.optim.train.TrainConfig`` fields.
@@ -147,7 +152,7 @@ def run_train(args: argparse.Namespace) -> int:
     if not distributed.context().is_main:
         return 0  # under torchrun only process 0 reports
     if args.json:
-        print(json.dumps(summary))
+        print(dump_json(summary))
     else:
         resumed = "" if summary["resumed_from"] is None else f" (resumed from step {summary['resumed_from']})"
         loss = summary["final_loss"]

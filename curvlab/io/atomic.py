@@ -2,15 +2,24 @@
 
 A reader never sees a half-written output: either the old file (or none) or the complete new one.
 Temp files are named ``.<name>.tmp-<pid>-<random>`` next to the target; one left behind by a killed
-process is recognisable by that name and can be deleted.
+process is recognisable by that name and can be deleted. Inside :func:`all_or_nothing` (a command's
+run) the outputs of :func:`atomic_output` are renamed into place together when the block succeeds,
+and none is when it fails: a command that fails after writing its result file but before its plot
+leaves neither.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import secrets
 from collections.abc import Iterator
+
+#: The outputs written inside :func:`all_or_nothing`, waiting to be renamed: ``(temp, target)``.
+_PENDING: contextvars.ContextVar[list[tuple[str, str]] | None] = contextvars.ContextVar(
+    "curvlab_pending_outputs", default=None
+)
 
 
 def temp_path(path: str | os.PathLike) -> str:
@@ -80,9 +89,37 @@ def atomic_output(path: str | os.PathLike) -> Iterator[str]:
     ...     figure.savefig(tmp, format="png")
     """
     tmp = temp_path(path)
+    pending = _PENDING.get()
     try:
         yield tmp
-        commit(tmp, path)
+        if pending is None:
+            commit(tmp, path)
+        else:
+            fsync_file(tmp)
+            pending.append((tmp, os.fspath(path)))
     except BaseException:
         remove_quietly(tmp)
         raise
+
+
+@contextlib.contextmanager
+def all_or_nothing() -> Iterator[None]:
+    """Defer the renames of :func:`atomic_output` inside the block: all happen when it succeeds, and
+    every temp file is removed when it fails (module docstring)."""
+    pending: list[tuple[str, str]] = []
+    token = _PENDING.set(pending)
+    try:
+        yield
+    except BaseException:
+        for tmp, _ in pending:
+            remove_quietly(tmp)
+        raise
+    finally:
+        _PENDING.reset(token)
+    for i, (tmp, path) in enumerate(pending):
+        try:
+            commit(tmp, path)
+        except BaseException:
+            for later, _ in pending[i:]:
+                remove_quietly(later)
+            raise

@@ -22,7 +22,8 @@ gradients' second moments); ``curvlab spectrum`` and ``curvlab fit`` read them a
 Reading validates every shape against the layer's ``weight_shape`` before any data is read (so a
 hostile file cannot make the reader allocate more than the layer's own size), and refuses non-finite or
 negative eigenvalues and orders that are not permutations, with one line naming file, step and layer.
-numpy and h5py only.
+The file is untrusted: it is opened, walked and read through :mod:`curvlab.io.hdf5` (no pipe, no link
+or storage outside the file, sizes checked against the budget). numpy and h5py only.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ from typing import Any
 import h5py
 import numpy as np
 
-from curvlab.errors import CheckpointError, where
+from curvlab.errors import CheckpointError, CurvlabError, where
+from curvlab.io import hdf5
+from curvlab.limits import ReadBudget
 
 EKFAC_FORMAT = "curvlab.ekfac"
 EKFAC_FORMAT_VERSION = 2  # 2: NormAffine entries (blocks A); version 1 files are still read
@@ -135,32 +138,50 @@ def _scalar(value: Any) -> Any:
 def is_ekfac_file(path: str) -> bool:
     """Whether ``path`` is an HDF5 file whose root says ``format = "curvlab.ekfac"``."""
     try:
-        with h5py.File(path, "r") as f:
-            return _scalar(f.attrs.get("format")) == EKFAC_FORMAT
-    except (OSError, ValueError):
+        f, _ = hdf5.open_file(path, CheckpointError)
+        with f:
+            return "format" in f.attrs and _scalar(_attr(f.attrs, "format")) == EKFAC_FORMAT
+    except (CurvlabError, OSError, ValueError, KeyError, RuntimeError):
         return False
 
 
-def _dataset(h: h5py.Group, key: str, shape: tuple[int, ...], kind: str, at: str) -> np.ndarray:
-    ds = h.get(key)
+def _attr(attrs: h5py.AttributeManager, key: str, default: Any = None) -> Any:
+    """An attribute (size checked first, :func:`curvlab.io.hdf5.attribute`), or ``default``."""
+    return hdf5.attribute(attrs, key, CheckpointError) if key in attrs else default
+
+
+def _member(group: h5py.Group, name: str, at: str) -> Any:
+    try:
+        return hdf5.member(group, name, CheckpointError)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{at}: {exc}") from None
+
+
+def _dataset(h: h5py.Group, key: str, shape: tuple[int, ...], kind: str, at: str,
+             budget: ReadBudget) -> np.ndarray:
+    ds = _member(h, key, at)
     if not isinstance(ds, h5py.Dataset):
         raise CheckpointError(f"{at}: missing dataset {key}")
-    if tuple(ds.shape) != shape or ds.dtype.kind not in kind:
+    if tuple(ds.shape or ()) != shape or ds.dtype.kind not in kind:
         raise CheckpointError(f"{at}: {key} has shape {ds.shape} and dtype {ds.dtype}, expected {shape}")
-    arr = ds[()]
+    try:
+        arr = hdf5.read_array(ds, key, budget, CheckpointError)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{at}: {exc}") from None
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise CheckpointError(f"{at}: {key} has non-finite values")
     return arr
 
 
 def _basis(
-    h: h5py.Group, which: str, size: int, at: str, block: int | None = None
+    h: h5py.Group, which: str, size: int, at: str, budget: ReadBudget, block: int | None = None
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """``(eigenvectors, order)`` of one side: dense ``(size, size)``, a permutation ``order``, or, with
-    ``block = k`` (a blocks factor), ``(size / k, k, k)`` blocks and ``order`` (module docstring)."""
+    ``block = k`` (a blocks factor), ``(size / k, k, k)`` blocks and ``order`` (module docstring).
+    Every dataset is read through :func:`_dataset` (declared shape and storage checked first)."""
     order = None
-    if f"{which}_order" in h or block is not None:
-        order = _dataset(h, f"{which}_order", (size,), "iu", at).astype(np.int64)
+    if _member(h, f"{which}_order", at) is not None or block is not None:
+        order = _dataset(h, f"{which}_order", (size,), "iu", at, budget).astype(np.int64)
         if not np.array_equal(np.sort(order), np.arange(size)):
             raise CheckpointError(f"{at}: {which}_order is not a permutation of 0..{size - 1}")
         if block is None:
@@ -168,41 +189,49 @@ def _basis(
         shape = (size // block, block, block)
     else:
         shape = (size, size)
-    return _dataset(h, f"{which}_eigenvectors", shape, "f", at).astype(np.float64), order
+    return _dataset(h, f"{which}_eigenvectors", shape, "f", at, budget).astype(np.float64), order
 
 
 def read_ekfac(path: str, step: int | str = "latest") -> EKFACStep:
     """One complete step of an EKFAC file, validated (module docstring)."""
-    from curvlab.io.checkpoint import _open_read_only, expected_factor_sizes
+    from curvlab.io.checkpoint import expected_factor_sizes
     from curvlab.io.checkpoint.format import block_size
 
-    with _open_read_only(path) as f:
+    f, budget = hdf5.open_file(path, CheckpointError)
+    with f:
         try:
-            if _scalar(f.attrs.get("format")) != EKFAC_FORMAT:
-                raise CheckpointError(
-                    f"{path}: not an EKFAC file (format {_scalar(f.attrs.get('format'))!r})"
-                )
-            version = _scalar(f.attrs.get("format_version"))
+            fmt = _scalar(_attr(f.attrs, "format"))
+            if fmt != EKFAC_FORMAT:
+                raise CheckpointError(f"{path}: not an EKFAC file (format {fmt!r})")
+            version = _scalar(_attr(f.attrs, "format_version"))
             if not isinstance(version, int) or not 1 <= version <= EKFAC_FORMAT_VERSION:
                 raise CheckpointError(f"{path}: unsupported format_version {version!r}")
-            steps = f.get("steps")
+            steps = _member(f, "steps", path)
             if not isinstance(steps, h5py.Group):
                 raise CheckpointError(f"{path}: missing /steps")
+            groups = {k: _member(steps, k, where(path, k)) for k in steps if k.isdigit()}
             complete = sorted(
-                int(k) for k in steps if k.isdigit() and bool(_scalar(steps[k].attrs.get("complete", False)))
+                int(k) for k, g in groups.items()
+                if isinstance(g, h5py.Group) and bool(_scalar(_attr(g.attrs, "complete", False)))
             )
             if not complete:
                 raise CheckpointError(f"{path}: holds no complete step")
             chosen = complete[-1] if step == "latest" else int(step)
             if chosen not in complete:
                 raise CheckpointError(f"{path}: step {chosen}: no such complete step (has {complete})")
-            g = steps[str(chosen)]
+            g = groups[str(chosen)]
+            layer_group = _member(g, "layers", where(path, chosen))
+            if not isinstance(layer_group, h5py.Group):
+                raise CheckpointError(f"{where(path, chosen)}: missing layers group")
             layers = {}
-            for name, h in g["layers"].items():
+            for name in layer_group:
                 at = where(path, chosen, name)
-                module_type = str(_scalar(h.attrs["module_type"]))
-                weight_shape = tuple(int(v) for v in np.asarray(h.attrs["weight_shape"]).ravel())
-                has_bias = bool(_scalar(h.attrs["has_bias"]))
+                h = _member(layer_group, name, at)
+                if not isinstance(h, h5py.Group):
+                    raise CheckpointError(f"{at}: is not a group")
+                module_type = str(_scalar(_attr(h.attrs, "module_type")))
+                weight_shape = tuple(int(v) for v in np.asarray(_attr(h.attrs, "weight_shape")).ravel())
+                has_bias = bool(_scalar(_attr(h.attrs, "has_bias")))
                 try:
                     n, m = expected_factor_sizes(module_type, weight_shape, has_bias)
                 except CheckpointError as exc:
@@ -212,18 +241,18 @@ def read_ekfac(path: str, step: int | str = "latest") -> EKFACStep:
                     if version < 2:
                         raise CheckpointError(f"{at}: module_type {module_type} needs format_version 2")
                     n *= k
-                values = _dataset(h, "eigenvalues", (m, n), "f", at).astype(np.float64)
+                values = _dataset(h, "eigenvalues", (m, n), "f", at, budget).astype(np.float64)
                 if (values < 0).any():
                     raise CheckpointError(f"{at}: eigenvalues must be >= 0")
-                s_vec, s_order = _basis(h, "S", m, at)
-                a_vec, a_order = _basis(h, "A", n, at, k)
+                s_vec, s_order = _basis(h, "S", m, at, budget)
+                a_vec, a_order = _basis(h, "A", n, at, budget, k)
                 layers[name] = EKFACLayer(
                     module_type,
                     weight_shape,
                     has_bias,
                     values,
-                    _dataset(h, "S_eigenvalues", (m,), "f", at).astype(np.float64),
-                    _dataset(h, "A_eigenvalues", (n,), "f", at).astype(np.float64),
+                    _dataset(h, "S_eigenvalues", (m,), "f", at, budget).astype(np.float64),
+                    _dataset(h, "A_eigenvalues", (n,), "f", at, budget).astype(np.float64),
                     s_vec,
                     s_order,
                     a_vec,
@@ -231,8 +260,8 @@ def read_ekfac(path: str, step: int | str = "latest") -> EKFACStep:
                 )
             return EKFACStep(
                 chosen,
-                str(_scalar(g.attrs.get("fisher_type", ""))),
-                int(_scalar(g.attrs.get("num_examples", 0))),
+                str(_scalar(_attr(g.attrs, "fisher_type", ""))),
+                int(_scalar(_attr(g.attrs, "num_examples", 0))),
                 layers,
             )
         except (KeyError, OSError, RuntimeError, ValueError, TypeError) as exc:

@@ -11,6 +11,7 @@ layer while it is read, so a damaged file gives the same one-line error as every
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -98,8 +99,9 @@ def describe_checkpoint(path: str, steps: list[int] | None = None) -> dict[str, 
 
 def _parameters(layer: dict[str, Any]) -> int:
     """The layer's weight and bias entries. The bias has one entry per output, the side of ``S`` (also
-    for the pre-softmax of a tied weight); a ``NormAffine`` shift one per channel, like its scale."""
-    weight = int(np.prod(layer["weight_shape"]))
+    for the pre-softmax of a tied weight); a ``NormAffine`` shift one per channel, like its scale. Exact
+    Python ints: a hostile ``weight_shape`` cannot overflow the sum."""
+    weight = math.prod(int(n) for n in layer["weight_shape"])
     if not layer["has_bias"]:
         return weight
     return 2 * weight if layer["module_type"] == "NormAffine" else weight + int(layer["S_shape"][0])

@@ -1,11 +1,19 @@
 """Rebuild a model from a checkpoint: its ``/model`` config and the weights of one step.
 
-Weights are read from HDF5 (never unpickled); a checkpoint without weights, without a model config,
-or whose weights do not fit the rebuilt model gives a one-line :class:`CheckpointError`.
+Weights are read from HDF5 (never unpickled) and must be finite; a checkpoint without weights, without
+a model config, or whose weights do not fit the rebuilt model gives a one-line :class:`CheckpointError`.
 
 A model that a user's factory built (its config names ``"factory"``) is rebuilt only with the factory
 the user names now (``model``, ``model_args``): the recorded spec is never imported or called
 (:mod:`curvlab.usercode`, docs/models.md "Own models").
+
+A checkpoint is untrusted (docs/reliability.md), so before a command works with its model:
+:func:`check_data_fits` (the data has the input shape the model was built for and no more classes)
+and :func:`check_outputs` (the outputs on a first batch are finite, naming the first layer whose output
+is not, and a softmax is not saturated on every example: when the logits of each example and location
+spread over more than :data:`SATURATED_SPREAD`, every predicted probability is exactly 0 or 1 in
+float64 and the Fisher is exactly zero — weights of 1e30 do this). The data a checkpoint records is
+read only when it is embedded or the user names it (``curvlab.commands.common._load_data``).
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from curvlab.errors import CheckpointError
+from curvlab.errors import CheckpointError, DataError
 from curvlab.io.checkpoint import CheckpointReader
 from curvlab.models import build_from_config
 from curvlab.models.factory import rebuild_factory_model
@@ -115,3 +123,59 @@ def _registry_model(source: StepWeights, name: str, args: Mapping[str, Any] | No
     if shape is None or classes is None:
         raise CheckpointError(f"{path}: /model config has no input_shape and num_classes to build {name} for")
     return build_from_config({"name": name, "input_shape": shape, "num_classes": classes, "args": args or {}})
+
+
+def check_data_fits(source: StepWeights, spec: str, input_shape: tuple[int, ...], num_classes: int) -> None:
+    """The data's example shape is the model's input shape, and its classes are among the model's."""
+    config = source.config or {}
+    shape, classes = config.get("input_shape"), config.get("num_classes")
+    if isinstance(shape, list) and tuple(shape) != tuple(input_shape):
+        raise DataError(
+            f"--data {spec}: examples of shape {tuple(input_shape)}, but the model of {source.path} takes "
+            f"{tuple(shape)}"
+        )
+    if isinstance(classes, int) and num_classes > classes:
+        raise DataError(
+            f"--data {spec}: {num_classes} classes, but the model of {source.path} has {classes} outputs"
+        )
+
+
+#: Logit spread beyond which softmax probabilities are exactly 0 or 1 in float64 (exp(-745) == 0).
+SATURATED_SPREAD = 745.0
+
+
+def check_outputs(model: nn.Module, inputs: Any, where: str, *, forward: Any = None,
+                  saturation: bool = True) -> None:
+    """Refuse a model whose outputs on ``inputs`` are not finite (naming the first such module), or,
+    with ``saturation`` (a softmax loss), whose logits are saturated on every example (module doc).
+    ``forward(model, inputs)`` gives the logits (default ``model(inputs)``)."""
+    first: list[str] = []
+
+    def hook(name: str):
+        def record(module: nn.Module, args: object, output: object) -> None:
+            if not first and isinstance(output, torch.Tensor) and output.is_floating_point():
+                if not torch.isfinite(output).all():
+                    first.append(name)
+
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    try:
+        with torch.no_grad():
+            out = forward(model, inputs) if forward is not None else model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if first or (isinstance(out, torch.Tensor) and not torch.isfinite(out).all()):
+        layer = f"layer {first[0]}" if first else "the output"
+        raise CheckpointError(
+            f"{where}: the model's {layer} is not finite (NaN or inf) on the first batch: weights too large?"
+        )
+    if saturation and isinstance(out, torch.Tensor) and out.ndim >= 2 and out.shape[-1] > 1:
+        spread = out.amax(dim=-1) - out.amin(dim=-1)
+        if bool((spread > SATURATED_SPREAD).all()):
+            raise CheckpointError(
+                f"{where}: the model's logits spread over {float(spread.min()):.3g} or more on every example "
+                f"of the first batch (beyond {SATURATED_SPREAD:g}, softmax is exactly 0 or 1 and the Fisher "
+                "is zero): weights too large?"
+            )

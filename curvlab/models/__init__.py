@@ -32,6 +32,7 @@ from torch import nn
 
 from curvlab.errors import ModelError
 from curvlab.models import mlp, resnet8, resnet32, simple_cnn, transformer, vgg11
+from curvlab.models.budget import build_within_budget
 
 __all__ = [
     "available_models",
@@ -347,11 +348,13 @@ def build_model(
 
     ``args`` are the model's arguments (e.g. from :func:`parse_model_args`); missing ones take their
     defaults. Unknown model names, unknown arguments and invalid values raise :class:`ModelError`
-    listing the valid names/keys. Parameters are drawn from torch's global RNG, so
+    listing the valid names/keys, and a model whose parameters would not fit the memory budget
+    (:mod:`curvlab.models.budget`) too. Parameters are drawn from torch's global RNG, so
     ``torch.manual_seed(s)`` before the call makes the model reproducible.
     """
     config = model_config(name, input_shape, num_classes, args)
-    model = _REGISTRY[name].builder(tuple(config["input_shape"]), num_classes, **config["args"])
+    builder, shape = _REGISTRY[name].builder, tuple(config["input_shape"])
+    model = build_within_budget(f"model {name!r}", lambda: builder(shape, num_classes, **config["args"]))
     remember_config(model, config)
     return model
 

@@ -22,6 +22,7 @@ from typing import Any
 from torch import nn
 
 from curvlab.errors import ModelError
+from curvlab.models.budget import build_own_within_budget
 from curvlab.usercode import Factory, check_recorded, json_safe, load_factory, recorded_factory
 
 __all__ = ["build_factory_model", "check_forward", "factory_config", "rebuild_factory_model"]
@@ -50,7 +51,10 @@ def build_factory_model(
 ) -> nn.Module:
     """Call the factory ``spec`` (a spec the caller named, or a loaded :class:`Factory`).
 
-    Returns the module it builds; its config is remembered (:func:`curvlab.models.config_of`), so that
+    The factory is called twice: first on PyTorch's ``meta`` device, to refuse a model over the memory
+    budget before it is allocated (:func:`~curvlab.models.budget.build_own_within_budget`; skipped when
+    the factory's code cannot run there), then for real. Returns the module it builds; its config is
+    remembered (:func:`curvlab.models.config_of`), so that
     :func:`curvlab.save_factors` records it. Raises :class:`ModelError` (one line) for a missing
     file, an exception in the user's code, a wrong argument or a result that is not an ``nn.Module``.
     """
@@ -62,7 +66,9 @@ def build_factory_model(
         offered["input_shape"] = tuple(int(v) for v in input_shape)
     if num_classes is not None:
         offered["num_classes"] = int(num_classes)
-    model = factory.call(dict(args or {}), offered)
+    model = build_own_within_budget(
+        f"--model {factory.text}", lambda: factory.call(dict(args or {}), offered)
+    )
     if not isinstance(model, nn.Module):
         raise ModelError(f"--model {factory.text}: the factory returned an object of type "
                          f"{type(model).__name__}, not a torch.nn.Module")

@@ -30,6 +30,7 @@ from typing import Any
 from curvlab.errors import CheckpointError
 from curvlab.io.atomic import atomic_output, remove_quietly
 from curvlab.io.checkpoint import CheckpointReader
+from curvlab.limits import MAX_ATTRIBUTE_BYTES, check_regular_file
 from curvlab.optim.config import TrainConfig
 
 CONFIG_FILE, CHECKPOINT_FILE, METRICS_FILE = "config.json", "ckpt.h5", "metrics.jsonl"
@@ -40,16 +41,24 @@ _STATE_NAME = re.compile(r"^state-(0|[1-9][0-9]*)\.pt$")
 def read_config(run_dir: str) -> TrainConfig | None:
     """The run's stored :class:`TrainConfig` (``None`` if the folder has no config.json)."""
     path = os.path.join(run_dir, CONFIG_FILE)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return None
+    size = check_regular_file(path, CheckpointError, "run config")
+    if size > MAX_ATTRIBUTE_BYTES:
+        raise CheckpointError(f"{path}: {size} bytes, too large for a run's config (at most "
+                              f"{MAX_ATTRIBUTE_BYTES})")
     try:
         with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (OSError, ValueError) as exc:
+            data = json.load(handle, parse_constant=_refuse_constant)
+    except (OSError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{path}: cannot read the run's config ({_first_line(exc)})") from None
     if not isinstance(data, dict) or not isinstance(data.get("train"), dict):
         raise CheckpointError(f"{path}: not a curvlab training config (no 'train' object)")
     return TrainConfig.from_json(data["train"], path)
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a finite number")
 
 
 def _write_json(path: str, data: Any) -> None:

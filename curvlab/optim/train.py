@@ -38,6 +38,8 @@ import dataclasses
 import json
 import math
 import os
+import pickle
+import re
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -54,6 +56,7 @@ from curvlab.capture.task import Task
 from curvlab.errors import CheckpointError, CurvlabError, OptionError
 from curvlab.io.atomic import atomic_output, remove_quietly
 from curvlab.io.checkpoint import append_step
+from curvlab.limits import check_regular_file, check_size
 from curvlab.optim.augment import Augmenter, black_level, check_augment, default_padding
 from curvlab.optim.batches import BatchOrder, loss_scale, shard
 from curvlab.optim.config import DEFAULT_LR as DEFAULT_LR
@@ -288,9 +291,17 @@ def _restore(run: _Run, step: int) -> None:
         raise CheckpointError(
             f"{os.path.join(run.run_dir, f'state-{step}.pt')}: missing: cannot resume from step {step}"
         )
+    check_regular_file(path, CheckpointError, "training state")
+    check_size(f"{path}: the training state", os.path.getsize(path), CheckpointError)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 (any unreadable or refused file is one user-facing error)
+    except pickle.UnpicklingError as exc:  # weights_only refused an object: say what, suggest nothing
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" (it holds {found.group(1)})" if found else ""
+        raise CheckpointError(
+            f"{path}: refused: a training state holds only tensors and plain numbers{what}"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 (any unreadable file is one user-facing error)
         raise CheckpointError(f"{path}: cannot read the training state ({_first_line(exc)})") from None
     if not isinstance(state, dict) or (state.get("format"), state.get("step")) != (STATE_FORMAT, step):
         raise CheckpointError(f"{path}: not the training state of step {step}")
@@ -331,6 +342,16 @@ def _start(config: TrainConfig, run_dir: str, resume: bool) -> int | None:
     return steps[-1] if steps else None
 
 
+def _check_run_folder(run_dir: str, parent: str) -> None:
+    """The run folder can be written (or created): checked before anything is built or trained."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise OptionError(f"{run_dir}: not a folder (the run folder holds ckpt.h5, config.json, ...)")
+    folder = run_dir if os.path.isdir(run_dir) else parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        what = "the run folder is not writable" if folder == run_dir else f"cannot create it in {parent}"
+        raise OptionError(f"{run_dir}: {what} (permission denied)")
+
+
 def train(
     config: TrainConfig,
     run_dir: str,
@@ -354,17 +375,26 @@ def train(
     parent = os.path.dirname(run_dir)
     if not os.path.isdir(parent):
         raise OptionError(f"{run_dir}: cannot create the run folder: {parent} does not exist")
+    created = False
     if ctx.is_main:
+        _check_run_folder(run_dir, parent)
+        created = not os.path.isdir(run_dir)
         os.makedirs(run_dir, exist_ok=True)
         if resume:
             _remove_stale_temps(run_dir)
-    start = _start(config, run_dir, resume)
-    # every process has seen the folder as it was before process 0 writes to it
-    distributed.barrier("checking the run folder")
-    device = torch.device(device)
-    run = _build(config, run_dir, device)
-    if start is not None:
-        run.model_config = _recorded_model(run)
+    try:
+        start = _start(config, run_dir, resume)
+        # every process has seen the folder as it was before process 0 writes to it
+        distributed.barrier("checking the run folder")
+        device = torch.device(device)
+        run = _build(config, run_dir, device)
+        if start is not None:
+            run.model_config = _recorded_model(run)
+    except BaseException:
+        if created:  # refused before the first step (a model over the budget, bad data): leave nothing
+            with contextlib.suppress(OSError):
+                os.rmdir(run_dir)  # only while still empty: nothing is written before the loop
+        raise
     try:
         summary = _loop(run, start, progress and ctx.is_main)
     finally:

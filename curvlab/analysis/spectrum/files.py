@@ -39,14 +39,16 @@ from curvlab.analysis.spectrum.engine import (
 from curvlab.analysis.spectrum.kronecker import KroneckerSpectrum
 from curvlab.analysis.spectrum.sharing import _check_same_batches, _process_group, _send_share, _step_factors
 from curvlab.errors import CheckpointError, CurvlabError, OptionError, where
+from curvlab.io import hdf5
 from curvlab.io.atomic import atomic_output, derived_path, same_file
 from curvlab.io.checkpoint import (
     CheckpointReader,
     IncompleteStepWarning,
-    _open_read_only,
     expected_factor_sizes,
 )
 from curvlab.io.checkpoint.format import block_size
+from curvlab.io.checkpoint.reader import warn_incomplete
+from curvlab.limits import ReadBudget
 
 SPECTRUM_FORMAT = "curvlab.spectrum"
 SPECTRUM_FORMAT_VERSION = 1
@@ -285,6 +287,7 @@ def compute_spectrum(
         for n, names in plan.items():
             if not names:
                 raise OptionError(f"{source}: step {n}: no layer matches --layers {' '.join(patterns or [])}")
+            reader.check_layers(n, names)  # a damaged layer fails now, not after the others' work
         if helper:
             for n, names in plan.items():
                 _send_share(reader, n, names, options)
@@ -379,7 +382,7 @@ def spectrum_of_factors(
 def _attr(attrs: h5py.AttributeManager, key: str) -> Any:
     if key not in attrs:
         raise CheckpointError(f"missing attribute {key}")
-    value = attrs[key]
+    value = hdf5.attribute(attrs, key, CheckpointError)
     if isinstance(value, np.ndarray) and value.size == 1:
         value = value.reshape(()).item()
     if isinstance(value, np.generic):
@@ -389,8 +392,15 @@ def _attr(attrs: h5py.AttributeManager, key: str) -> Any:
     return value
 
 
+def _located_attr(attrs: h5py.AttributeManager, key: str, path: str, step: object = None) -> Any:
+    try:
+        return _attr(attrs, key)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{where(path, step)}: {exc}") from None
+
+
 def _file_format(f: h5py.File, path: str) -> str:
-    fmt = _attr(f.attrs, "format") if "format" in f.attrs else None
+    fmt = _located_attr(f.attrs, "format", path) if "format" in f.attrs else None
     if fmt not in ("curvlab.kfac", SPECTRUM_FORMAT, "curvlab.ekfac"):
         raise CheckpointError(
             f"{path}: not a curvlab checkpoint, spectrum or EKFAC file (root attribute format is {fmt!r})"
@@ -399,7 +409,7 @@ def _file_format(f: h5py.File, path: str) -> str:
 
 
 def _spectrum_steps(f: h5py.File, path: str) -> list[int]:
-    version = _attr(f.attrs, "format_version")
+    version = _located_attr(f.attrs, "format_version", path)
     if not isinstance(version, int) or version < 1:
         raise CheckpointError(f"{path}: bad format_version {version!r}")
     if version > SPECTRUM_FORMAT_VERSION:
@@ -407,32 +417,42 @@ def _spectrum_steps(f: h5py.File, path: str) -> list[int]:
             f"{path}: format_version {version} was written by a newer curvlab (this one reads version "
             f"{SPECTRUM_FORMAT_VERSION}): upgrade curvlab"
         )
-    sg = f.get("steps")
+    sg = _member(f, "steps", path)
     if not isinstance(sg, h5py.Group):
         raise CheckpointError(f"{path}: missing /steps group")
-    complete = []
+    complete, incomplete = [], []
     for name in sg:
-        g = sg[name]
-        if not (isinstance(g, h5py.Group) and name.isdigit() and str(int(name)) == name):
+        if not (name.isdigit() and str(int(name)) == name):
             raise CheckpointError(f"{path}: step group {name!r} is not a step number")
-        if "complete" in g.attrs and bool(_attr(g.attrs, "complete")):
+        g = _member(sg, name, path, name)
+        if not isinstance(g, h5py.Group):
+            raise CheckpointError(f"{where(path, name)}: is not a group")
+        if "complete" in g.attrs and bool(_located_attr(g.attrs, "complete", path, name)):
             complete.append(int(name))
         else:
-            warnings.warn(
-                f"{where(path, name)}: incomplete step, skipped", IncompleteStepWarning, stacklevel=4
-            )
+            incomplete.append(int(name))
+    if incomplete:
+        warn_incomplete(path, sorted(incomplete), stacklevel=4)
     return sorted(complete)
 
 
-def _read_eigenvalues(lg: h5py.Group, which: str, size: int) -> np.ndarray:
-    ds = lg.get(f"{which}_eigenvalues")
+def _member(group: h5py.Group, name: str, path: str, step: object = None, layer: object = None) -> Any:
+    """``group[name]`` through links inside the file only (:func:`curvlab.io.hdf5.member`)."""
+    try:
+        return hdf5.member(group, name, CheckpointError)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{where(path, step, layer)}: {exc}") from None
+
+
+def _read_eigenvalues(lg: h5py.Group, which: str, size: int, budget: ReadBudget) -> np.ndarray:
+    ds = hdf5.member(lg, f"{which}_eigenvalues", CheckpointError)
     if not isinstance(ds, h5py.Dataset):
         raise CheckpointError(f"missing dataset {which}_eigenvalues")
     if ds.dtype.kind != "f" or ds.ndim != 1 or ds.shape[0] != size:
         raise CheckpointError(
             f"{which}_eigenvalues must be a 1-D float array of length {size}, got {ds.dtype} {ds.shape}"
         )
-    vals = np.asarray(ds[()], dtype=np.float64)
+    vals = np.asarray(hdf5.read_array(ds, f"{which}_eigenvalues", budget, CheckpointError), dtype=np.float64)
     if not np.isfinite(vals).all() or (vals < 0).any():
         raise CheckpointError(f"{which}_eigenvalues must be finite and >= 0")
     if (np.diff(vals) < 0).any():
@@ -441,9 +461,9 @@ def _read_eigenvalues(lg: h5py.Group, which: str, size: int) -> np.ndarray:
 
 
 def _read_spectrum_layers(
-    f: h5py.File, path: str, step: int, patterns: Sequence[str] | None
+    f: h5py.File, path: str, step: int, patterns: Sequence[str] | None, budget: ReadBudget
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    lgroup = f["steps"][str(step)].get("layers")
+    lgroup = _member(_member(_member(f, "steps", path), str(step), path, step), "layers", path, step)
     if not isinstance(lgroup, h5py.Group):
         raise CheckpointError(f"{where(path, step)}: missing layers group")
     used: set[str] = set()
@@ -451,14 +471,16 @@ def _read_spectrum_layers(
     _check_patterns(path, patterns, used)
     out = {}
     for name in names:
-        lg = lgroup[name]
         try:
+            lg = hdf5.member(lgroup, name, CheckpointError)
             if not isinstance(lg, h5py.Group):
                 raise CheckpointError("is not a group")
             module_type, has_bias = _attr(lg.attrs, "module_type"), bool(_attr(lg.attrs, "has_bias"))
-            size_a, size_s = expected_factor_sizes(module_type, lg.attrs.get("weight_shape"), has_bias)
+            size_a, size_s = expected_factor_sizes(module_type, _attr(lg.attrs, "weight_shape"), has_bias)
             size_a *= block_size(module_type, has_bias) or 1  # a blocks A: C blocks of k eigenvalues
-            out[name] = (_read_eigenvalues(lg, "S", size_s), _read_eigenvalues(lg, "A", size_a))
+            out[name] = (
+                _read_eigenvalues(lg, "S", size_s, budget), _read_eigenvalues(lg, "A", size_a, budget)
+            )
         except CheckpointError as exc:
             raise CheckpointError(f"{where(path, step, name)}: {exc}") from None
     return out
@@ -503,7 +525,8 @@ def load_layer_eigenvalues(
             step = int(step)
         except ValueError:
             raise OptionError(f"step {step!r}: expected a step number or 'latest'") from None
-    with _open_read_only(path_s) as f:
+    f, budget = hdf5.open_file(path_s, CheckpointError)
+    with f:
         try:
             fmt = _file_format(f, path_s)
             if fmt == "curvlab.ekfac":
@@ -512,7 +535,7 @@ def load_layer_eigenvalues(
                 numbers = _select_steps(_spectrum_steps(f, path_s), step, path_s)
                 if len(numbers) != 1:
                     raise OptionError(f"{path_s}: load_layer_eigenvalues reads one step, not {step!r}")
-                return numbers[0], _read_spectrum_layers(f, path_s, numbers[0], layers)
+                return numbers[0], _read_spectrum_layers(f, path_s, numbers[0], layers, budget)
         except (OSError, KeyError, RuntimeError, ValueError) as exc:
             if isinstance(exc, CurvlabError):
                 raise

@@ -10,7 +10,8 @@ by an entry, or skipped with a reason. A step records the counts and the skipped
 
 with ``covered_parameters + Σ skipped_parameters = total_parameters``. As a Python object (``Step.
 coverage``, ``FactorSet.coverage.to_json()``) it is ``{"covered_parameters", "total_parameters",
-"skipped": [{"name", "parameters", "reason"}]}``. h5py and numpy only.
+"skipped": [{"name", "parameters", "reason"}]}``. Read through :mod:`curvlab.io.hdf5` (an untrusted
+file: links inside the file only, declared sizes checked before reading). h5py and numpy only.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import h5py
 import numpy as np
 
 from curvlab.errors import CheckpointError
+from curvlab.io import hdf5
+from curvlab.limits import ReadBudget
 
 GROUP = "coverage"
 #: At most this many skipped entries are written or read (a model has far fewer Parameters).
@@ -74,31 +77,38 @@ def write(step_group: h5py.Group, coverage: dict[str, Any]) -> None:
     g.create_dataset("skipped_reason", data=[s["reason"] for s in skipped], dtype=text, shape=(len(skipped),))
 
 
-def _strings(g: h5py.Group, name: str) -> list[str]:
-    ds = g.get(name)
-    if not isinstance(ds, h5py.Dataset) or ds.ndim != 1 or ds.dtype.kind not in "OS":
-        raise CheckpointError(f"coverage: {name} must be a 1-D string dataset")
+def _dataset(g: h5py.Group, name: str, kinds: str, what: str) -> h5py.Dataset:
+    try:
+        ds = hdf5.member(g, name, CheckpointError)
+    except CheckpointError as exc:
+        raise CheckpointError(f"coverage: {exc}") from None
+    if not isinstance(ds, h5py.Dataset) or ds.ndim != 1 or ds.dtype.kind not in kinds:
+        raise CheckpointError(f"coverage: {name} must be a 1-D {what} dataset")
     if ds.shape[0] > MAX_SKIPPED:
         raise CheckpointError(f"coverage: {name} has {ds.shape[0]} entries (at most {MAX_SKIPPED})")
-    values = ds[()]
+    return ds
+
+
+def _strings(g: h5py.Group, name: str, budget: ReadBudget) -> list[str]:
+    ds = _dataset(g, name, "OS", "string")
+    values = hdf5.read_array(ds, f"coverage: {name}", budget, CheckpointError)
     try:
         return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
     except UnicodeDecodeError:
         raise CheckpointError(f"coverage: {name} holds a string that is not UTF-8") from None
 
 
-def read(step_group: h5py.Group) -> dict[str, Any] | None:
-    """A step's coverage (``None`` when it records none), validated."""
-    g = step_group.get(GROUP)
+def read(step_group: h5py.Group, budget: ReadBudget) -> dict[str, Any] | None:
+    """A step's coverage (``None`` when it records none), validated; ``budget``: the file's
+    (:class:`~curvlab.limits.ReadBudget`)."""
+    g = hdf5.member(step_group, GROUP, CheckpointError)
     if g is None:
         return None
     if not isinstance(g, h5py.Group):
         raise CheckpointError("coverage is not a group")
-    names, reasons = _strings(g, "skipped_name"), _strings(g, "skipped_reason")
-    counts_ds = g.get("skipped_parameters")
-    if not isinstance(counts_ds, h5py.Dataset) or counts_ds.ndim != 1 or counts_ds.dtype.kind not in "iu":
-        raise CheckpointError("coverage: skipped_parameters must be a 1-D integer dataset")
-    counts = counts_ds[()]
+    names, reasons = _strings(g, "skipped_name", budget), _strings(g, "skipped_reason", budget)
+    counts_ds = _dataset(g, "skipped_parameters", "iu", "integer")
+    counts = hdf5.read_array(counts_ds, "coverage: skipped_parameters", budget, CheckpointError)
     if not len(names) == len(reasons) == len(counts):
         raise CheckpointError(
             "coverage: skipped_name, skipped_parameters and skipped_reason differ in length"
@@ -107,7 +117,7 @@ def read(step_group: h5py.Group) -> dict[str, Any] | None:
     for key in ("covered_parameters", "total_parameters"):
         if key not in g.attrs:
             raise CheckpointError(f"coverage: missing attribute {key}")
-        value = np.asarray(g.attrs[key])
+        value = np.asarray(hdf5.attribute(g.attrs, key, CheckpointError))
         if value.size != 1 or value.dtype.kind not in "iu":
             raise CheckpointError(f"coverage: {key} is not an integer")
         attrs[key] = int(value.reshape(()))

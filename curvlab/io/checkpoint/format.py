@@ -34,6 +34,7 @@ messages (``file: step S: layer L: problem``) are built here too.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -188,9 +189,9 @@ def expected_factor_sizes(
     if module_type == "Linear":
         return shape[1] + b, shape[0]
     if module_type in ("Conv1d", "Conv2d", "Conv3d"):
-        return int(np.prod(shape[1:])) + b, shape[0]
+        return math.prod(shape[1:]) + b, shape[0]  # exact Python ints: a hostile shape cannot overflow
     if module_type == "NormAffine":
-        return int(np.prod(shape)), 1
+        return math.prod(shape), 1
     if module_type == "Embedding":
         if has_bias:
             raise CheckpointError("module_type Embedding cannot have has_bias = true")
@@ -232,6 +233,8 @@ def _check_weight_shape(module_type: str, weight_shape: object) -> tuple[int, ..
         )
     if (arr < 1).any():
         raise CheckpointError(f"bad weight_shape {_fmt(weight_shape)}: entries must be >= 1")
+    if (arr > np.iinfo(np.int64).max).any():
+        raise CheckpointError(f"bad weight_shape {_fmt(weight_shape)}: entries must fit in int64")
     return tuple(int(v) for v in arr)
 
 
@@ -371,6 +374,27 @@ def _check_values(name: str, x: np.ndarray) -> None:
         _check_dense_values(name, x, tol)
 
 
+def _check_scale(A: np.ndarray, S: np.ndarray) -> None:  # noqa: N803 (the math names)
+    """``tr A``, ``tr S`` and ``tr(S ⊗ A) = tr S · tr A`` are finite float64 numbers.
+
+    The trace of the Kronecker block bounds every K-FAC eigenvalue ``λ_S[i] λ_A[j]`` of the layer: if
+    it overflows, so would the spectrum, the sums ``info`` reports and every product downstream.
+    """
+    traces = []
+    with np.errstate(over="ignore", invalid="ignore"):
+        for name, x in (("A", A), ("S", S)):
+            diag = x if x.ndim == 1 else np.diagonal(x, axis1=-2, axis2=-1)  # dense or (C, k, k) blocks
+            trace = float(np.abs(diag).sum(dtype=np.float64))
+            if not np.isfinite(trace):
+                raise CheckpointError(f"{name} is too large: its trace overflows float64")
+            traces.append(trace)
+        if not np.isfinite(traces[0] * traces[1]):
+            raise CheckpointError(
+                f"A and S are too large together: tr A * tr S = {traces[0]:.3g} * {traces[1]:.3g} "
+                "overflows float64 (the layer's K-FAC eigenvalues would be infinite)"
+            )
+
+
 def _layer_meta_text(module_type: str, weight_shape: tuple[int, ...], has_bias: bool) -> str:
     return f"{module_type} with weight_shape {weight_shape} and has_bias={has_bias}"
 
@@ -411,6 +435,7 @@ def validate_layer(
             block = factor_block(factors.module_type, bool(factors.has_bias), name)
             _check_shape(name, x.shape, size, meta, block)
             _check_values(name, x)
+        _check_scale(factors.A, factors.S)
     except CheckpointError as exc:
         raise _error(str(exc), path, step, layer) from None
 
@@ -424,7 +449,7 @@ def _check_name(kind: str, name: object, path: object, step: object) -> None:
 def _check_attr_value(key: str, value: object) -> Any:
     """An extra step attribute as something HDF5 stores exactly: number, string or numeric array.
 
-    Extras are small metadata: strings without NUL characters, numeric arrays up to
+    Extras are small metadata: strings without NUL characters, finite numbers, numeric arrays up to
     :data:`MAX_ATTR_BYTES` (older HDF5 libraries cannot write larger attributes).
     """
     if isinstance(value, str):
@@ -438,9 +463,13 @@ def _check_attr_value(key: str, value: object) -> Any:
             raise CheckpointError(f"step attribute {key!r} = {value} does not fit in int64")
         return np.int64(value)
     if isinstance(value, (float, np.floating)):
+        if not np.isfinite(value):
+            raise CheckpointError(f"step attribute {key!r} = {value} is not finite")
         return value
     if isinstance(value, (list, tuple, np.ndarray)):
         arr = np.asarray(value)
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise CheckpointError(f"step attribute {key!r} holds non-finite values (NaN or inf)")
         if arr.dtype.kind in "biuf" and arr.ndim == 0:
             return arr[()]
         if arr.dtype.kind in "biuf" and arr.nbytes > MAX_ATTR_BYTES:

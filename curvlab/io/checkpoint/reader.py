@@ -1,11 +1,15 @@
 """Reading checkpoints: :class:`CheckpointReader` (lazy, one layer at a time) and :func:`load`.
 
-Files are opened read-only (``h5py.File(path, "r")``) and never modified; no pickle anywhere. The
-root attributes must name format version 1 or 2 (:mod:`.format`); a step group whose ``complete`` attribute is
-missing or false (its writer died while writing it) is skipped with an
-:class:`IncompleteStepWarning`. Every factor read is validated against the rules of :mod:`.format`
-(:func:`~curvlab.io.checkpoint.format.validate_layer`'s checks), and the exceptions h5py raises on
-damaged files become one-line :class:`CheckpointError` messages that name file, step and layer.
+Files are opened read-only and never modified; no pickle anywhere. Files are untrusted: they are
+opened, walked and read through :mod:`curvlab.io.hdf5` (no pipes or devices, no link, external storage
+or virtual dataset leading outside the file, every dataset's declared size checked against the
+machine's budget and the bytes it stores before it is read, no damaged global heap). The root
+attributes must name format version 1 or 2 (:mod:`.format`); step groups whose ``complete`` attribute
+is missing or false (their writer died while writing them) are skipped with one
+:class:`IncompleteStepWarning` per file. Every factor, weight and attribute read is validated against
+the rules of :mod:`.format` (:func:`~curvlab.io.checkpoint.format.validate_layer`'s checks; finite
+weights and step attributes) before it is returned, and the exceptions h5py raises on damaged files
+become one-line :class:`CheckpointError` messages that name file, step and layer once.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from curvlab.errors import CheckpointError, where
+from curvlab.errors import CheckpointError
+from curvlab.io import hdf5
 from curvlab.io.checkpoint import coverage as coverage_format
 from curvlab.io.checkpoint.format import (
     _STEP_NAME,
@@ -33,6 +38,7 @@ from curvlab.io.checkpoint.format import (
     LayerFactors,
     Step,
     _check_dtype,
+    _check_scale,
     _check_shape,
     _check_values,
     _check_weight_shape,
@@ -43,6 +49,10 @@ from curvlab.io.checkpoint.format import (
     expected_factor_sizes,
     factor_block,
 )
+from curvlab.limits import MAX_ATTRIBUTE_BYTES, ReadBudget, check_size
+
+#: Incomplete steps named in the one warning per file (the rest are counted).
+_LISTED_STEPS = 10
 
 
 class IncompleteStepWarning(UserWarning):
@@ -50,8 +60,11 @@ class IncompleteStepWarning(UserWarning):
 
 
 @contextmanager
-def _h5_errors(path: object, step: object = None, layer: object = None) -> Iterator[None]:
-    """Turn the exceptions h5py raises on damaged files into one-line :class:`CheckpointError`."""
+def _h5_errors(path: object = None, step: object = None, layer: object = None) -> Iterator[None]:
+    """Turn the exceptions h5py raises on damaged files into one-line :class:`CheckpointError`.
+
+    Inside a block that adds the location itself, call it without one (a location given twice
+    would be printed twice)."""
     try:
         yield
     except CheckpointError:
@@ -74,19 +87,22 @@ def _scalar(value: object) -> object:
     return value
 
 
-def _attr_int(attrs: h5py.AttributeManager, key: str) -> int:
+def _attr(attrs: h5py.AttributeManager, key: str) -> Any:
+    """An attribute, read after its declared size is checked (:func:`curvlab.io.hdf5.attribute`)."""
     if key not in attrs:
         raise CheckpointError(f"missing attribute {key}")
-    value = _scalar(attrs[key])
+    return hdf5.attribute(attrs, key, CheckpointError)
+
+
+def _attr_int(attrs: h5py.AttributeManager, key: str) -> int:
+    value = _scalar(_attr(attrs, key))
     if isinstance(value, bool) or not isinstance(value, int):
         raise CheckpointError(f"attribute {key} is {value!r}, not an integer")
     return value
 
 
 def _attr_str(attrs: h5py.AttributeManager, key: str) -> str:
-    if key not in attrs:
-        raise CheckpointError(f"missing attribute {key}")
-    value = _scalar(attrs[key])
+    value = _scalar(_attr(attrs, key))
     if not isinstance(value, str):
         raise CheckpointError(f"attribute {key} is {value!r}, not a string")
     return value
@@ -94,9 +110,7 @@ def _attr_str(attrs: h5py.AttributeManager, key: str) -> str:
 
 def _attr_bool(attrs: h5py.AttributeManager, key: str) -> bool:
     """A bool attribute: h5py's bool enum, or an integer 0/1 from writers without one."""
-    if key not in attrs:
-        raise CheckpointError(f"missing attribute {key}")
-    value = _scalar(attrs[key])
+    value = _scalar(_attr(attrs, key))
     if isinstance(value, bool):
         return value
     if isinstance(value, int) and value in (0, 1):
@@ -104,10 +118,29 @@ def _attr_bool(attrs: h5py.AttributeManager, key: str) -> bool:
     raise CheckpointError(f"attribute {key} is {value!r}, not a bool")
 
 
-def _extra_value(value: object) -> Any:
-    if isinstance(value, np.ndarray):
+def _extra_value(key: str, value: object) -> Any:
+    """An extra step attribute: a number, string or array of numbers or strings; numbers finite."""
+    if isinstance(value, np.ndarray) and value.size != 1:
+        strings = value.dtype.kind == "O" and all(isinstance(v, (str, bytes)) for v in value.flat)
+        if value.dtype.kind not in "biufS" and not strings:
+            raise CheckpointError(
+                f"step attribute {key} is an array of {value.dtype} (numbers or strings only)"
+            )
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise CheckpointError(f"step attribute {key} holds non-finite values (NaN or inf)")
         return value
-    return _scalar(value)
+    value = _scalar(value)
+    if isinstance(value, float) and not np.isfinite(value):
+        raise CheckpointError(f"step attribute {key} is {value} (not finite)")
+    if not isinstance(value, (bool, int, float, str, bytes)):
+        raise CheckpointError(f"step attribute {key} is a {type(value).__name__} (numbers or strings only)")
+    return value
+
+
+def _member(group: h5py.Group, name: str) -> Any:
+    """``group[name]`` or None, through links inside the file only (:func:`curvlab.io.hdf5.member`)."""
+    with _h5_errors():
+        return hdf5.member(group, name, CheckpointError)
 
 
 class CheckpointReader:
@@ -119,14 +152,20 @@ class CheckpointReader:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = os.fspath(path)
-        self._file = _open_read_only(self.path)
+        self._file, self._budget = hdf5.open_file(self.path, CheckpointError)
         self._steps: tuple[list[int], list[int]] | None = None
+        self._checked_steps: set[int] = set()
         try:
             with _h5_errors(self.path):
                 self.format_version = _check_root(self._file, self.path)
                 self.model_name, self.model_config = _read_model(self._file, self.path)
-                if "steps" not in self._file or not isinstance(self._file["steps"], h5py.Group):
-                    raise _error("missing /steps group (not a curvlab checkpoint?)", self.path)
+            try:
+                steps = _member(self._file, "steps")
+            except CheckpointError as exc:
+                raise _error(str(exc), self.path) from None
+            if not isinstance(steps, h5py.Group):
+                raise _error("missing /steps group (not a curvlab checkpoint?)", self.path)
+            self._steps_group = steps
         except BaseException:
             self._file.close()
             raise
@@ -144,10 +183,14 @@ class CheckpointReader:
     # --- steps -----------------------------------------------------------------------------------
 
     def _step_groups(self) -> Iterator[tuple[str, h5py.Group]]:
-        steps = self._file["steps"]
-        for name in steps:
-            with _h5_errors(self.path, name):
-                g = steps.get(name)
+        steps = self._steps_group
+        with _h5_errors(self.path):
+            names = list(steps)
+        for name in names:
+            try:
+                g = _member(steps, name)
+            except CheckpointError as exc:
+                raise _error(str(exc), self.path, name if _STEP_NAME.match(name) else None) from None
             if not isinstance(g, h5py.Group):
                 raise _error("is not a group", self.path, name)
             yield name, g
@@ -162,7 +205,7 @@ class CheckpointReader:
                 name,
             )
         try:
-            with _h5_errors(self.path, name):
+            with _h5_errors():
                 complete = "complete" in g.attrs and _attr_bool(g.attrs, "complete")
                 if complete:
                     number = _attr_int(g.attrs, "step")
@@ -175,21 +218,14 @@ class CheckpointReader:
         return complete
 
     def _scan(self) -> tuple[list[int], list[int]]:
-        """(complete, incomplete) step numbers, ascending; warns once per incomplete step."""
+        """(complete, incomplete) step numbers, ascending; one warning for all incomplete steps."""
         if self._steps is None:
             complete, incomplete = [], []
             for name, g in self._step_groups():
-                if self._step_state(name, g):
-                    complete.append(int(name))
-                    continue
-                incomplete.append(int(name))
-                warnings.warn(
-                    f"{where(self.path, name)}: incomplete step (attribute complete missing or"
-                    " false: the writer probably died while writing it), skipped",
-                    IncompleteStepWarning,
-                    stacklevel=3,
-                )
+                (complete if self._step_state(name, g) else incomplete).append(int(name))
             self._steps = (sorted(complete), sorted(incomplete))
+            if incomplete:
+                warn_incomplete(self.path, self._steps[1], stacklevel=4)
         return self._steps
 
     def step_numbers(self) -> list[int]:
@@ -201,32 +237,44 @@ class CheckpointReader:
         return list(self._scan()[1])
 
     def _is_complete_step_quiet(self, step: int) -> bool:
-        g = self._file["steps"].get(str(step))
+        try:
+            g = _member(self._steps_group, str(step))
+        except CheckpointError as exc:
+            raise _error(str(exc), self.path, step) from None
         return isinstance(g, h5py.Group) and self._step_state(str(step), g)
 
     def _group(self, step: int) -> h5py.Group:
+        """A complete step's group, its attributes validated (:meth:`step_attrs`) on first use."""
         numbers = self.step_numbers()
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
             raise _error(f"step {step!r} is not an integer", self.path)
         if int(step) not in numbers:
             listed = ", ".join(map(str, numbers)) or "none"
             raise _error(f"no complete step {step} (complete steps: {listed})", self.path)
-        return self._file["steps"][str(int(step))]
+        g = _member(self._steps_group, str(int(step)))
+        if int(step) not in self._checked_steps:
+            self._read_step_attrs(g, int(step))
+            self._checked_steps.add(int(step))
+        return g
 
     def step_attrs(self, step: int) -> dict[str, Any]:
         """``fisher_type``, ``num_examples`` and every extra attribute of a complete step."""
-        g = self._group(step)
+        return self._read_step_attrs(self._group(step), step)
+
+    def _read_step_attrs(self, g: h5py.Group, step: int) -> dict[str, Any]:
         try:
-            with _h5_errors(self.path, step):
+            with _h5_errors():
                 out: dict[str, Any] = {
                     "fisher_type": _attr_str(g.attrs, "fisher_type"),
                     "num_examples": _attr_int(g.attrs, "num_examples"),
                 }
+                if not out["fisher_type"]:
+                    raise CheckpointError("fisher_type is empty (must be a non-empty string)")
                 if out["num_examples"] < 0:
                     raise CheckpointError(f"num_examples {out['num_examples']} is negative")
                 for key in g.attrs:
                     if key not in RESERVED_STEP_ATTRS:
-                        out[key] = _extra_value(g.attrs[key])
+                        out[key] = _extra_value(key, _attr(g.attrs, key))
         except CheckpointError as exc:
             raise _error(str(exc), self.path, step) from None
         return out
@@ -235,7 +283,10 @@ class CheckpointReader:
 
     def _factors_group(self, step: int) -> h5py.Group:
         g = self._group(step)
-        fg = g.get("factors")
+        try:
+            fg = _member(g, "factors")
+        except CheckpointError as exc:
+            raise _error(str(exc), self.path, step) from None
         if not isinstance(fg, h5py.Group):
             raise _error("missing factors group", self.path, step)
         return fg
@@ -247,8 +298,10 @@ class CheckpointReader:
 
     def _layer_group(self, step: int, layer: str) -> h5py.Group:
         fg = self._factors_group(step)
-        with _h5_errors(self.path, step, layer):
-            lg = fg.get(layer)
+        try:
+            lg = _member(fg, layer)
+        except CheckpointError as exc:
+            raise _error(str(exc), self.path, step, layer) from None
         if lg is None:
             raise _error("no such layer in this step", self.path, step, layer)
         if not isinstance(lg, h5py.Group):
@@ -259,7 +312,7 @@ class CheckpointReader:
         """``(module_type, weight_shape, has_bias)`` of a layer, validated."""
         lg = self._layer_group(step, layer)
         try:
-            with _h5_errors(self.path, step, layer):
+            with _h5_errors():
                 return _read_meta(lg, self.format_version)[:3]
         except CheckpointError as exc:
             raise _error(str(exc), self.path, step, layer) from None
@@ -272,25 +325,43 @@ class CheckpointReader:
         if which not in ("A", "S"):
             raise ValueError(f"factor {which!r}: expected 'A' or 'S'")
         try:
-            with _h5_errors(self.path, step, layer):
-                ds = self._layer_group(step, layer).get(which)
+            ds = _member(self._layer_group(step, layer), which)
         except CheckpointError:
             return "dense"
         if not isinstance(ds, h5py.Dataset):
             return "dense"
         return {1: "diagonal", 3: "blocks"}.get(ds.ndim, "dense")
 
+    def check_layers(self, step: int, layers: Iterable[str]) -> None:
+        """Check what can be checked of the layers without reading their values: metadata, the
+        factors' links, dtypes, shapes, storage and sizes (:func:`curvlab.io.hdf5.check_storage`).
+        A command calls this before its work, so that a file damaged anywhere in what it will read
+        fails at once, not after the first layers' work; the values are validated when read."""
+        for layer in layers:
+            lg = self._layer_group(step, layer)
+            try:
+                with _h5_errors():
+                    module_type, weight_shape, has_bias, sizes = _read_meta(lg, self.format_version)
+                    meta = _layer_meta_text(module_type, weight_shape, has_bias)
+                    for name, size in zip("AS", sizes, strict=True):
+                        block = factor_block(module_type, has_bias, name)
+                        _factor_dataset(lg, name, size, meta, self._budget, block)
+            except CheckpointError as exc:
+                raise _error(str(exc), self.path, step, layer) from None
+
     def read_factors(self, step: int, layer: str) -> LayerFactors:
         """One layer's factors, read and validated (see :func:`validate_layer`)."""
         lg = self._layer_group(step, layer)
         try:
-            with _h5_errors(self.path, step, layer):
+            with _h5_errors():
                 module_type, weight_shape, has_bias, sizes = _read_meta(lg, self.format_version)
                 meta = _layer_meta_text(module_type, weight_shape, has_bias)
+                blocks = [factor_block(module_type, has_bias, name) for name in "AS"]
                 arrays = [
-                    _read_factor(lg, name, size, meta, factor_block(module_type, has_bias, name))
-                    for name, size in zip("AS", sizes, strict=True)
+                    _read_factor(lg, name, size, meta, self._budget, block)
+                    for name, size, block in zip("AS", sizes, blocks, strict=True)
                 ]
+                _check_scale(arrays[0], arrays[1])
         except CheckpointError as exc:
             raise _error(str(exc), self.path, step, layer) from None
         return LayerFactors(module_type, weight_shape, has_bias, arrays[0], arrays[1])
@@ -299,8 +370,8 @@ class CheckpointReader:
         """Which trainable parameters the step's factors cover (:mod:`.coverage`; ``None``: not recorded)."""
         g = self._group(step)
         try:
-            with _h5_errors(self.path, step):
-                return coverage_format.read(g)
+            with _h5_errors():
+                return coverage_format.read(g, self._budget)
         except CheckpointError as exc:
             raise _error(str(exc), self.path, step) from None
 
@@ -309,43 +380,60 @@ class CheckpointReader:
         return self._read_weights(step) or {}
 
     def _read_weights(self, step: int) -> dict[str, np.ndarray] | None:
+        """Every stored parameter, each checked before it is read, all of them within one array's
+        budget together (:mod:`curvlab.limits`), float ones finite."""
         g = self._group(step)
-        wg = g.get("weights")
-        if wg is None:
-            return None
-        if not isinstance(wg, h5py.Group):
-            raise _error("weights is not a group", self.path, step)
-        out = {}
-        with _h5_errors(self.path, step):
-            for name in wg:
-                ds = wg[name]
-                if not isinstance(ds, h5py.Dataset) or ds.dtype.kind not in "biuf":
-                    raise _error(f"weight {name} is not a numeric dataset", self.path, step)
-                out[name] = _native(ds[()])
+        try:
+            wg = _member(g, "weights")
+            if wg is None:
+                return None
+            if not isinstance(wg, h5py.Group):
+                raise CheckpointError("weights is not a group")
+            with _h5_errors():
+                names = list(wg)
+                datasets = {name: _member(wg, name) for name in names}
+                for name, ds in datasets.items():
+                    if not isinstance(ds, h5py.Dataset) or ds.dtype.kind not in "biuf":
+                        raise CheckpointError(f"weight {name} is not a numeric dataset")
+                total = sum(hdf5.declared_bytes(ds) for ds in datasets.values())
+                check_size(f"the {len(datasets)} weights", total, CheckpointError)
+                out = {}
+                for name, ds in datasets.items():
+                    arr = hdf5.read_array(ds, f"weight {name}", self._budget, CheckpointError)
+                    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                        raise CheckpointError(f"weight {name} has non-finite values (NaN or inf)")
+                    out[name] = arr
+        except CheckpointError as exc:
+            raise _error(str(exc), self.path, step) from None
         return out
 
 
 def _open_read_only(path: str) -> h5py.File:
-    if not os.path.exists(path):
-        raise _error("no such file", path)
-    if os.path.isdir(path):
-        raise _error("is a folder, not a checkpoint file", path)
-    try:
-        return h5py.File(path, "r")
-    except OSError as exc:
-        reason = _one_line(str(exc))
-        if "signature" in reason:
-            reason = "no HDF5 signature"
-        elif "truncated" in reason:
-            reason = f"truncated ({reason})"
-        raise _error(f"not a readable HDF5 file: {reason}", path) from None
+    """A file opened with the checks of :func:`curvlab.io.hdf5.open_file` (no budget kept)."""
+    return hdf5.open_file(path, CheckpointError)[0]
+
+
+def warn_incomplete(path: str, steps: Sequence[int], stacklevel: int = 2) -> None:
+    """One :class:`IncompleteStepWarning` for all the incomplete steps of a file."""
+    listed = ", ".join(map(str, steps[:_LISTED_STEPS]))
+    more = f" and {len(steps) - _LISTED_STEPS} more" if len(steps) > _LISTED_STEPS else ""
+    if len(steps) == 1:
+        text = f"{path}: step {listed}: incomplete step skipped (attribute complete missing or false: its"
+    else:
+        text = f"{path}: {len(steps)} incomplete steps skipped ({listed}{more}; attribute complete missing or"
+        text += " false: their"
+    warnings.warn(
+        text + " writer probably died while writing)",
+        IncompleteStepWarning,
+        stacklevel=stacklevel,
+    )
 
 
 def _check_root(f: h5py.File, path: str) -> int:
     """The root attributes: ``format == FORMAT`` and ``format_version`` this code can read."""
     if "format" not in f.attrs:
         raise _error("not a curvlab checkpoint: root attribute format is missing", path)
-    fmt = _scalar(f.attrs["format"])
+    fmt = _scalar(_attr(f.attrs, "format"))
     if fmt != FORMAT:
         raise _error(f"not a curvlab checkpoint: format is {fmt!r}, expected {FORMAT!r}", path)
     try:
@@ -364,26 +452,39 @@ def _check_root(f: h5py.File, path: str) -> int:
 
 
 def _read_model(f: h5py.File, path: str) -> tuple[str | None, dict | None]:
-    g = f.get("model")
-    if g is None:
-        return None, None
-    if not isinstance(g, h5py.Group):
-        raise _error("/model is not a group", path)
     name = config = None
     try:
+        g = _member(f, "model")
+        if g is None:
+            return None, None
+        if not isinstance(g, h5py.Group):
+            raise CheckpointError("is not a group")
         if "name" in g.attrs:
             name = _attr_str(g.attrs, "name")
         if "config" in g.attrs:
-            text = _attr_str(g.attrs, "config")
-            try:
-                config = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise CheckpointError(f"config is not valid JSON ({exc})") from None
-            if not isinstance(config, dict):
-                raise CheckpointError("config is valid JSON but not a JSON object")
+            config = parse_config(_attr_str(g.attrs, "config"))
     except CheckpointError as exc:
         raise _error(f"/model: {exc}", path) from None
     return name, config
+
+
+def _refuse_constant(name: str) -> None:
+    raise CheckpointError(f"config holds {name} (JSON numbers must be finite)")
+
+
+def parse_config(text: str) -> dict:
+    """A model config: a JSON object of finite numbers, at most ``MAX_ATTRIBUTE_BYTES`` long."""
+    if len(text) > MAX_ATTRIBUTE_BYTES:
+        raise CheckpointError(f"config is {len(text)} characters long (at most {MAX_ATTRIBUTE_BYTES})")
+    try:
+        config = json.loads(text, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"config is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise CheckpointError("config nests too deeply to be a model config") from None
+    if not isinstance(config, dict):
+        raise CheckpointError("config is valid JSON but not a JSON object")
+    return config
 
 
 def _read_meta(
@@ -394,30 +495,33 @@ def _read_meta(
     module_type = _attr_str(lg.attrs, "module_type")
     if module_type in MODULE_TYPES:
         check_module_type_version(module_type, version)
-    if "weight_shape" not in lg.attrs:
-        raise CheckpointError("missing attribute weight_shape")
-    raw_shape = lg.attrs["weight_shape"]
+    raw_shape = _attr(lg.attrs, "weight_shape")
     has_bias = _attr_bool(lg.attrs, "has_bias")
     sizes = expected_factor_sizes(module_type, raw_shape, has_bias)
     return module_type, _check_weight_shape(module_type, raw_shape), has_bias, sizes
 
 
-def _native(arr: np.ndarray) -> np.ndarray:
-    """``arr`` in native byte order (HDF5 can store big-endian data)."""
-    if arr.dtype.byteorder not in ("=", "|"):
-        arr = arr.astype(arr.dtype.newbyteorder("="))
-    return arr
-
-
-def _read_factor(lg: h5py.Group, name: str, size: int, meta: str, block: int | None = None) -> np.ndarray:
-    ds = lg.get(name)
+def _factor_dataset(
+    lg: h5py.Group, name: str, size: int, meta: str, budget: ReadBudget, block: int | None = None
+) -> h5py.Dataset:
+    """Factor ``name``'s dataset, its dtype, shape (``(size, block, block)`` for blocks) and storage
+    checked (no value read)."""
+    ds = hdf5.member(lg, name, CheckpointError)
     if ds is None:
         raise CheckpointError(f"missing factor {name}")
     if not isinstance(ds, h5py.Dataset):
         raise CheckpointError(f"{name} is not a dataset")
     _check_dtype(name, ds.dtype)
-    _check_shape(name, tuple(ds.shape), size, meta, block)
-    arr = _native(ds[()])
+    _check_shape(name, tuple(ds.shape or ()), size, meta, block)
+    hdf5.check_storage(ds, name, budget, CheckpointError)
+    return ds
+
+
+def _read_factor(
+    lg: h5py.Group, name: str, size: int, meta: str, budget: ReadBudget, block: int | None = None
+) -> np.ndarray:
+    ds = _factor_dataset(lg, name, size, meta, budget, block)
+    arr = hdf5.read_array(ds, name, budget, CheckpointError)
     _check_values(name, arr)
     return arr
 

@@ -12,6 +12,7 @@ only rebuild numpy uint8 arrays. ``train`` = the five data batches, ``test`` = t
 
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from torch import Tensor
 
 from curvlab.errors import DataError
 from curvlab.io.data.dataset import Dataset, _describe, _first_line
+from curvlab.limits import check_regular_file, check_size, format_bytes
 
 #: Per-channel (R, G, B) mean and std of the 50,000 CIFAR-10 training images, pixels in [0, 1].
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -91,9 +93,20 @@ def _check_labels(file: Path, labels: np.ndarray) -> None:
         raise DataError(f"{file}: label {int(bad)} out of range 0..{CIFAR10_CLASSES - 1}")
 
 
+def _read_bytes(file: Path) -> bytes:
+    """A batch file's bytes, after checking it is a regular file whose images fit the memory budget
+    as float32 (4 bytes a pixel)."""
+    size = check_regular_file(str(file), DataError, "CIFAR-10 batch")
+    check_size(f"{file}: the images of a {format_bytes(size)} batch as float32", 4 * size, DataError)
+    try:
+        return file.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{file}: cannot read ({exc.strerror or exc})") from exc
+
+
 def _read_cifar_bin(file: Path) -> tuple[np.ndarray, np.ndarray]:
     """One binary batch: records of 1 label byte + 3072 pixel bytes (R, G, B planes, 32x32)."""
-    raw = np.fromfile(file, dtype=np.uint8)
+    raw = np.frombuffer(_read_bytes(file), dtype=np.uint8)
     if raw.size == 0 or raw.size % CIFAR10_RECORD:
         raise DataError(
             f"{file}: size {raw.size} bytes is not a positive multiple of the {CIFAR10_RECORD}-byte"
@@ -159,12 +172,15 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def restricted_load(file: Path) -> Any:
-    """Unpickle ``file`` with :class:`RestrictedUnpickler` (``encoding="bytes"``: Python 2 str)."""
+    """Unpickle ``file`` with :class:`RestrictedUnpickler` (``encoding="bytes"``: Python 2 str).
+
+    The file is read into memory first (within the budget of :func:`_read_bytes`): a pickle opcode
+    that declares a huge length then takes at most what the file holds, where reading it from the
+    file object would allocate the declared length up front.
+    """
+    data = _read_bytes(file)
     try:
-        with open(file, "rb") as handle:
-            return RestrictedUnpickler(handle, encoding="bytes").load()
-    except OSError as exc:
-        raise DataError(f"{file}: cannot read ({exc.strerror or exc})") from exc
+        return RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
     except Exception as exc:  # any malformed pickle: truncated, bad opcodes, refused globals
         message = _first_line(exc)
         raise DataError(f"{file}: not a readable CIFAR-10 python batch: {message}") from exc

@@ -8,7 +8,10 @@
 * ``npz:PATH``: an ``.npz`` with ``x`` (``(N, C, H, W)``, ``(N, H, W)`` -> C = 1, or ``(N, D)`` ->
   ``(N, 1, 1, D)``; float, or uint8 -> ``/255``; no further normalisation) and integer ``y``
   ``(N,)``; optional ``x_test``/``y_test`` (split ``test``) and a scalar ``num_classes`` (default
-  ``1 +`` the largest label of ``y`` and ``y_test``). Read with ``allow_pickle=False``.
+  ``1 +`` the largest label of ``y`` and ``y_test``, at most :data:`MAX_CLASSES`). Read member by
+  member with ``allow_pickle=False``, each ``.npy`` header checked before its data is read: its size
+  as float32 within the memory budget and at most ``MAX_EXPANSION`` times its compressed size
+  (:mod:`curvlab.limits`).
 
 CIFAR-10 folders have their own module (:mod:`curvlab.io.data.cifar10`). See ``docs/data.md``.
 """
@@ -16,6 +19,8 @@ CIFAR-10 folders have their own module (:mod:`curvlab.io.data.cifar10`). See ``d
 from __future__ import annotations
 
 import functools
+import math
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +29,13 @@ from torch import Tensor
 
 from curvlab.errors import DataError
 from curvlab.io.data.dataset import Dataset, _describe, _first_line
+from curvlab.limits import MAX_EXPANSION, SMALL_ARRAY, check_regular_file, check_size, format_bytes
+
+#: Largest number of classes of an ``.npz`` data set (its largest label + 1, or ``num_classes``): every
+#: class is a logit of the model, a column of the classifier and, for ``exact``, a backward pass.
+MAX_CLASSES = 1 << 20
+#: The members of an ``.npz`` file that are read (others are ignored, unread).
+NPZ_KEYS = ("x", "y", "x_test", "y_test", "num_classes")
 
 #: Mean and standard deviation of the digits ``train`` split after ``/16`` (one channel).
 DIGITS_MEAN = 0.3058
@@ -69,8 +81,6 @@ def _load_digits(split: str) -> Dataset:
 
 def _load_npz(path: Path, split: str) -> Dataset:
     """An ``.npz`` file: ``x``/``y`` (``train``, ``all``), ``x_test``/``y_test`` (``test``)."""
-    if not path.is_file():
-        raise DataError(f"{path}: npz file not found")
     arrays = _read_npz(path)
     x_key, y_key = ("x_test", "y_test") if split == "test" else ("x", "y")
     missing = [key for key in (x_key, y_key) if key not in arrays]
@@ -85,18 +95,49 @@ def _load_npz(path: Path, split: str) -> Dataset:
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    """All arrays of an ``.npz`` archive, read with ``allow_pickle=False``."""
+    """The arrays :data:`NPZ_KEYS` of an ``.npz`` archive, each checked before it is read (module doc)."""
+    check_regular_file(str(path), DataError, "npz file")
     try:
-        loaded = np.load(path, allow_pickle=False)
-    except Exception as exc:  # not a zip/npy file, a pickle, unreadable, ...
-        raise DataError(f"{path}: cannot read npz: {_first_line(exc)}") from exc
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise DataError(f"{path}: not an .npz archive (a single .npy array?)")
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read npz: not an .npz archive ({_first_line(exc)})") from None
+    arrays = {}
     try:
-        with loaded:
-            return {key: loaded[key] for key in loaded.files}
-    except Exception as exc:  # an object (pickled) array, a corrupt member, ...
-        raise DataError(f"{path}: cannot read npz: {_first_line(exc)}") from exc
+        with archive:
+            for info in archive.infolist():
+                key = info.filename.removesuffix(".npy")
+                if key in NPZ_KEYS and info.filename.endswith(".npy") and key not in arrays:
+                    arrays[key] = _read_member(path, archive, info, key)
+    except DataError:
+        raise
+    except Exception as exc:  # a corrupt member, a bad CRC, a truncated stream, ...
+        raise DataError(f"{path}: cannot read npz: {_first_line(exc)}") from None
+    return arrays
+
+
+def _read_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo, key: str) -> np.ndarray:
+    """One ``.npy`` member: its header checked (numeric dtype, size within the budget) before its data."""
+    with archive.open(info) as handle:
+        version = np.lib.format.read_magic(handle)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+        else:
+            raise DataError(f"{path}: {key}: unsupported .npy format version {version}")
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise DataError(f"{path}: cannot read npz: {key} has dtype {dtype} (numbers only: no pickles)")
+    count = math.prod(shape)
+    declared = count * dtype.itemsize
+    check_size(f"{path}: {key} ({'x'.join(map(str, shape)) or 'scalar'} {dtype}) as float32",
+               max(declared, 4 * count), DataError)
+    if declared > SMALL_ARRAY and declared > MAX_EXPANSION * max(info.compress_size, 1):
+        raise DataError(
+            f"{path}: {key} declares {format_bytes(declared)} but stores {format_bytes(info.compress_size)} "
+            f"compressed (more than {MAX_EXPANSION}x: a decompression bomb?)"
+        )
+    with archive.open(info) as handle:
+        return np.lib.format.read_array(handle, allow_pickle=False)
 
 
 def _npz_images(path: Path, key: str, x: np.ndarray) -> Tensor:
@@ -128,6 +169,10 @@ def _npz_labels(path: Path, key: str, y: np.ndarray) -> np.ndarray:
         raise DataError(f"{path}: {key} must have shape (N,), got {y.shape}")
     if y.size and y.min() < 0:
         raise DataError(f"{path}: {key} has negative label {int(y.min())}")
+    if y.size and int(y.max()) >= MAX_CLASSES:
+        raise DataError(
+            f"{path}: {key} has label {int(y.max())}: more than the {MAX_CLASSES} classes curvlab allows"
+        )
     return y.astype(np.int64)
 
 
@@ -143,4 +188,6 @@ def _npz_num_classes(path: Path, arrays: dict[str, np.ndarray]) -> int:
         raise DataError(f"{path}: num_classes must be an integer scalar, got {_describe(value)}")
     if int(value) <= largest:
         raise DataError(f"{path}: num_classes = {int(value)} but the largest label is {largest}")
+    if int(value) > MAX_CLASSES:
+        raise DataError(f"{path}: num_classes = {int(value)}, more than the {MAX_CLASSES} curvlab allows")
     return int(value)

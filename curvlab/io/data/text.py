@@ -32,6 +32,7 @@ import torch
 
 from curvlab.errors import DataError
 from curvlab.io.data.dataset import Dataset, _first_line
+from curvlab.limits import check_regular_file, check_size, format_bytes
 
 #: Default vocabulary cap and sequence length of the text sources (= ``transformer_shallow``'s).
 DEFAULT_VOCAB = 2048
@@ -42,6 +43,10 @@ PYSTDLIB_BYTES = 2_000_000
 PYSTDLIB_SKIP = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
 #: Every ``TEXT_TEST_EVERY``-th sequence (index ``i % 10 == 9``) is in the ``test`` split.
 TEXT_TEST_EVERY = 10
+#: Memory per byte of a text file while it is tokenised, at most: one Python string per token (~50
+#: bytes each, a token can be a single character) in the token list, its copies in the split and
+#: the AST that :func:`is_python` builds.
+TOKEN_BYTES = 64
 #: The out-of-vocabulary token, id 0.
 UNK = "<unk>"
 #: How :func:`python_tokens` writes the layout tokens of :mod:`tokenize` (``<`` is always a token
@@ -162,8 +167,9 @@ def is_python(text: str) -> bool:
 
 def _load_text(path: Path, split: str, vocab: int, seq_len: int) -> Dataset:
     """A UTF-8 text file: Python tokens if it is Python (:func:`is_python`), else :func:`word_tokens`."""
-    if not path.is_file():
-        raise DataError(f"{path}: text file not found")
+    size = check_regular_file(str(path), DataError, "text file")
+    check_size(f"{path}: tokenising {format_bytes(size)} of text (about {TOKEN_BYTES} bytes per character)",
+               size * TOKEN_BYTES, DataError)
     try:
         raw = path.read_bytes()
     except OSError as exc:

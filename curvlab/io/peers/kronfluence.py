@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from curvlab.errors import CheckpointError, OptionError
 from curvlab.io.peers import layer_locations
+from curvlab.limits import check_regular_file
 
 COVARIANCE = (
     "activation_covariance",
@@ -110,10 +111,11 @@ def _read(
     from safetensors import safe_open
 
     path = os.path.join(folder, f"{key}.safetensors")
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         if required:
             raise CheckpointError(f"{path}: missing (not a kronfluence factors folder?)")
         return None
+    check_regular_file(path, CheckpointError, "safetensors file")  # a pipe would block the open
     out = {}
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
