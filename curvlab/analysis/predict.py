@@ -60,8 +60,18 @@ import numpy as np
 from curvlab.errors import CurvlabError
 
 __all__ = [
-    "OPTIMIZERS", "VARIANTS", "Curve", "Measurements", "PredictError", "effective_batch_sizes",
-    "fit_noise_exponent", "measured_problem", "noise_histogram", "noise_scales", "optimizer_grid", "predict_curves",
+    "OPTIMIZERS",
+    "VARIANTS",
+    "Curve",
+    "Measurements",
+    "PredictError",
+    "effective_batch_sizes",
+    "fit_noise_exponent",
+    "measured_problem",
+    "noise_histogram",
+    "noise_scales",
+    "optimizer_grid",
+    "predict_curves",
     "target_fraction",
 ]
 
@@ -105,7 +115,9 @@ class Measurements:
     def __post_init__(self) -> None:
         arrays = [np.asarray(a, dtype=np.float64).ravel() for a in (self.curvature, self.variance, self.mean)]
         if len({a.size for a in arrays}) != 1 or arrays[0].size == 0:
-            raise PredictError("curvature, variance and mean must hold the same, non-zero number of directions")
+            raise PredictError(
+                "curvature, variance and mean must hold the same, non-zero number of directions"
+            )
         if sum(count for _, count in self.layers) != arrays[0].size:
             raise PredictError("the layers' direction counts do not add up to the number of directions")
         for name, a in zip(("curvature", "variance", "mean gradient"), arrays, strict=True):
@@ -114,12 +126,16 @@ class Measurements:
         if np.any(arrays[0] < 0) or np.any(arrays[1] < 0):
             raise PredictError("the measured curvature and variance must be non-negative")
         if not arrays[0].max() > 0:
-            raise PredictError("the measured curvature is zero in every direction: there is no quadratic model")
+            raise PredictError(
+                "the measured curvature is zero in every direction: there is no quadratic model"
+            )
         if int(self.num_examples) < 2:
             raise PredictError(f"the gradient variance needs at least 2 examples, got {self.num_examples}")
         if self.population is not None and int(self.population) < int(self.num_examples):
-            raise PredictError(f"the population ({self.population}) is smaller than the {self.num_examples} "
-                               "examples measured")
+            raise PredictError(
+                f"the population ({self.population}) is smaller than the {self.num_examples} "
+                "examples measured"
+            )
         for key, a in zip(("curvature", "variance", "mean"), arrays, strict=True):
             object.__setattr__(self, key, a)
 
@@ -131,8 +147,10 @@ class Measurements:
             raise PredictError("no layers were measured")
         missing = [name for name, s in stats.items() if s.curvature is None]
         if missing:
-            raise PredictError(f"layer {missing[0]}: no all-direction curvature (the fvp route measures only "
-                               "selected directions); use the exact or mc route")
+            raise PredictError(
+                f"layer {missing[0]}: no all-direction curvature (the fvp route measures only "
+                "selected directions); use the exact or mc route"
+            )
         examples = {int(s.num_examples) for s in stats.values()}
         return cls(
             curvature=np.concatenate([np.ravel(s.curvature) for s in stats.values()]),
@@ -154,7 +172,7 @@ class Measurements:
         return self.mean**2 - self.variance * self.sampling_factor
 
     def null_floor(self) -> float:
-        """Curvatures at or below this are the numerical null space (gradcov's ``NULL_FLOOR ×`` the largest)."""
+        """Curvatures at or below this are the numerical null space (``NULL_FLOOR ×`` the largest)."""
         from curvlab.analysis.gradcov_run import NULL_FLOOR
 
         return NULL_FLOOR * float(self.curvature.max())
@@ -186,8 +204,11 @@ def noise_scales(meas: Measurements) -> dict[str, Any]:
         "tr_h_sigma": float(np.sum(meas.curvature * meas.variance)),
         "gHg": float(np.sum(meas.curvature * g2)),
         "null_share_tr_sigma": float(meas.variance[null].sum() / meas.variance.sum())
-        if meas.variance.sum() > 0 else 0.0,
-        "null_share_gradient_norm_sq": float(np.maximum(g2[null], 0).sum() / max(np.maximum(g2, 0).sum(), 1e-300)),
+        if meas.variance.sum() > 0
+        else 0.0,
+        "null_share_gradient_norm_sq": float(
+            np.maximum(g2[null], 0).sum() / max(np.maximum(g2, 0).sum(), 1e-300)
+        ),
     }
     out["b_simple"] = _ratio(out["tr_sigma"], out["gradient_norm_sq"])
     out["b_noise"] = _ratio(out["tr_h_sigma"], out["gHg"])
@@ -225,8 +246,10 @@ def measured_problem(meas: Measurements, variant: str = "nqm") -> MappedProblem:
     elif variant == "nqm_c_prop_h":
         c = h * (c.sum() / h.sum())
     if not 0.5 * np.sum(h * a0) > 0:
-        raise PredictError("the measured mean gradient is zero along every direction with curvature: the "
-                           "NQM starts at its minimum")
+        raise PredictError(
+            "the measured mean gradient is zero along every direction with curvature: the "
+            "NQM starts at its minimum"
+        )
     problem = spectrum_problem(h, c, a0)
     info = {
         "variant": variant,
@@ -256,8 +279,8 @@ def risk_shares(h: np.ndarray, a0: np.ndarray, tops: Sequence[float] = (0.01, 0.
 
 def target_fraction(target: str, initial_loss: float | None = None, loss_floor: float = 0.0) -> float:
     """``φ``, the target as a fraction of the initial excess risk: ``fraction=F`` gives F, ``loss=X``
-    gives ``(X − L*) / (L0 − L*)`` (``L0 = initial_loss``, ``L* = loss_floor``); ``≥ 1`` means the
-    checkpoint already meets the target."""
+    gives ``(X − L*) / (L0 − L*)`` (``L0 = initial_loss``, ``L* = loss_floor``). It must lie in (0, 1):
+    ``≥ 1`` means the checkpoint already meets the target."""
     kind, sep, text = target.partition("=")
     kind = kind.strip().lower()
     try:
@@ -267,18 +290,24 @@ def target_fraction(target: str, initial_loss: float | None = None, loss_floor: 
     if not sep or kind not in ("fraction", "loss") or not math.isfinite(value):
         raise PredictError(f"--target {target!r}: expected fraction=F or loss=X with a finite number")
     if kind == "fraction":
-        if not value > 0:
-            raise PredictError(f"--target {target}: the fraction must be positive")
+        if not 0 < value < 1:
+            raise PredictError(f"--target {target}: the fraction must lie in (0, 1)")
         return value
     if initial_loss is None or not math.isfinite(initial_loss):
         raise PredictError(f"--target {target}: the initial loss is unknown")
     if not math.isfinite(loss_floor):
         raise PredictError(f"--loss-floor {loss_floor}: not a finite number")
     if not initial_loss > loss_floor:
-        raise PredictError(f"--target {target}: the loss at the checkpoint ({initial_loss:.6g}) is not above "
-                           f"the loss floor {loss_floor:g}")
+        raise PredictError(
+            f"--target {target}: the loss at the checkpoint ({initial_loss:.6g}) is not above "
+            f"the loss floor {loss_floor:g}"
+        )
     if not value > loss_floor:
         raise PredictError(f"--target {target}: the target must lie above the loss floor {loss_floor:g}")
+    if not value < initial_loss:
+        raise PredictError(
+            f"--target {target}: the loss at the checkpoint ({initial_loss:.6g}) already meets it"
+        )
     return (value - loss_floor) / (initial_loss - loss_floor)
 
 
@@ -324,8 +353,12 @@ class Curve:
     def to_json(self) -> dict[str, Any]:
         kind, power = OPTIMIZERS[self.optimizer]
         out: dict[str, Any] = {
-            "nqm_kind": kind, "precond_power": power, "batch_sizes": self.batch_sizes, "steps": self.steps,
-            "lr": self.lr, "decay": self.decay,
+            "nqm_kind": kind,
+            "precond_power": power,
+            "batch_sizes": self.batch_sizes,
+            "steps": self.steps,
+            "lr": self.lr,
+            "decay": self.decay,
         }
         out["fit"] = self.fit.to_json() if self.fit is not None else {"error": self.fit_error}
         return out
@@ -365,9 +398,14 @@ def predict_curves(
         reached = result.steps >= 0
         steps = [int(s) if ok else None for s, ok in zip(result.steps, reached, strict=True)]
         curve = Curve(
-            name, [int(b) for b in batch_sizes], steps,
+            name,
+            [int(b) for b in batch_sizes],
+            steps,
             [float(v) if ok else None for v, ok in zip(result.lr, reached, strict=True)],
-            [float(v) if ok and grid.kind != "sgd" else None for v, ok in zip(result.decay, reached, strict=True)],
+            [
+                float(v) if ok and grid.kind != "sgd" else None
+                for v, ok in zip(result.decay, reached, strict=True)
+            ],
         )
         usable = [(b, s) for b, s in zip(batch_sizes, steps, strict=True) if s]
         try:
@@ -378,7 +416,9 @@ def predict_curves(
     return curves
 
 
-def noise_histogram(curvature: np.ndarray, variance: np.ndarray, floor: float, bins: int = 40) -> dict[str, Any]:
+def noise_histogram(
+    curvature: np.ndarray, variance: np.ndarray, floor: float, bins: int = 40
+) -> dict[str, Any]:
     """Counts of directions on a ``bins × bins`` grid of ``(log10 h, log10 c)`` over the directions where
     both exceed ``floor``: the ``c`` against ``h`` picture of a network in a few kilobytes."""
     h = np.asarray(curvature, dtype=np.float64).ravel()
@@ -390,8 +430,9 @@ def noise_histogram(curvature: np.ndarray, variance: np.ndarray, floor: float, b
     return {"log10_h_edges": xe.tolist(), "log10_c_edges": ye.tolist(), "counts": counts.astype(int).tolist()}
 
 
-def fit_noise_exponent(curvature: np.ndarray, variance: np.ndarray, floor: float, *,
-                       level: float = 0.9) -> dict[str, Any]:
+def fit_noise_exponent(
+    curvature: np.ndarray, variance: np.ndarray, floor: float, *, level: float = 0.9
+) -> dict[str, Any]:
     """``c ∝ h^γ``: least squares of ``log c`` on ``log h`` over the directions where both exceed
     ``floor``, with a heteroscedasticity-robust (HC1 sandwich) normal interval at ``level``.
 

@@ -45,7 +45,10 @@ def load_prediction(path: str | os.PathLike) -> dict[str, Any]:
         raise CurvlabError(f"{path}: cannot read ({exc.strerror or exc})") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise CurvlabError(f"{path}: not JSON ({exc})") from None
-    if not isinstance(data, dict) or (data.get("format"), data.get("format_version")) != (FORMAT, FORMAT_VERSION):
+    if not isinstance(data, dict) or (data.get("format"), data.get("format_version")) != (
+        FORMAT,
+        FORMAT_VERSION,
+    ):
         raise CurvlabError(f"{path}: not a curvlab prediction file (format {FORMAT} {FORMAT_VERSION})")
     return data
 
@@ -65,8 +68,10 @@ def _measured_medians(results: Mapping[str, Any], optimizer: str) -> dict[int, f
     return {int(c["batch_size"]): float(c["steps"]) for c in cells if c.get("steps")}
 
 
-def steps_errors(batch_sizes: list[int], steps: list[int | None], measured: Mapping[int, float]) -> dict[str, Any]:
-    """``rms_log2``, ``shape_rms_log2`` and ``log2_offset`` of predicted against measured steps (module doc)."""
+def steps_errors(
+    batch_sizes: list[int], steps: list[int | None], measured: Mapping[int, float]
+) -> dict[str, Any]:
+    """``rms_log2``, ``shape_rms_log2`` and ``log2_offset`` of predicted against measured steps."""
     pairs = [(b, s, measured[b]) for b, s in zip(batch_sizes, steps, strict=True) if s and b in measured]
     out: dict[str, Any] = {"batch_sizes": [b for b, _, _ in pairs], "points": len(pairs)}
     if not pairs:
@@ -76,23 +81,31 @@ def steps_errors(batch_sizes: list[int], steps: list[int | None], measured: Mapp
     out["log2_ratio"] = logs
     out["rms_log2"] = math.sqrt(sum(x * x for x in logs) / len(logs))
     out["log2_offset"] = offset
-    out["shape_rms_log2"] = math.sqrt(sum((x - offset) ** 2 for x in logs) / len(logs)) if len(pairs) > 1 else None
+    out["shape_rms_log2"] = (
+        math.sqrt(sum((x - offset) ** 2 for x in logs) / len(logs)) if len(pairs) > 1 else None
+    )
     return out
 
 
 def compare(prediction: Mapping[str, Any], results: Mapping[str, Any]) -> dict[str, Any]:
     """Errors of every predictor against the sweep ``results`` (module docstring), per optimizer."""
     predictors = prediction["predictors"]
-    optimizers = [o for o in results.get("optimizers", {})
-                  if any(o in p["optimizers"] for p in predictors.values())]
+    optimizers = [
+        o for o in results.get("optimizers", {}) if any(o in p["optimizers"] for p in predictors.values())
+    ]
     out: dict[str, Any] = {"optimizers": {}}
     for opt in optimizers:
         fit = results["optimizers"][opt].get("fit", {})
         b_meas = fit.get("b_crit")
         identified = bool(fit.get("identified")) and b_meas is not None
         entry: dict[str, Any] = {
-            "measured": {"b_crit": b_meas, "identified": identified, "b_crit_interval": fit.get("b_crit_interval"),
-                         "s_min": fit.get("s_min"), "steps": _measured_medians(results, opt)},
+            "measured": {
+                "b_crit": b_meas,
+                "identified": identified,
+                "b_crit_interval": fit.get("b_crit_interval"),
+                "s_min": fit.get("s_min"),
+                "steps": _measured_medians(results, opt),
+            },
             "predictors": {},
         }
         for variant, pred in predictors.items():
@@ -111,8 +124,11 @@ def compare(prediction: Mapping[str, Any], results: Mapping[str, Any]) -> dict[s
         for name in SCALE_PREDICTORS:
             b_pred = prediction["noise_scales"].get(name)
             err = _log2_error(b_pred, b_meas) if identified else None
-            entry["predictors"][name] = {"b_crit": b_pred, "log2_error": err,
-                                         "within_factor_2": None if err is None else err <= 1.0}
+            entry["predictors"][name] = {
+                "b_crit": b_pred,
+                "log2_error": err,
+                "within_factor_2": None if err is None else err <= 1.0,
+            }
         entry["measured"]["steps"] = {str(b): s for b, s in entry["measured"]["steps"].items()}
         out["optimizers"][opt] = entry
     return out

@@ -108,7 +108,9 @@ class Prediction:
 
     def b_crit_table(self) -> dict[str, Any]:
         """Every predictor's critical batch size: per NQM variant and optimizer, and B_simple, B_noise."""
-        table: dict[str, Any] = {v: {o: c.b_crit for o, c in curves.items()} for v, curves in self.curves.items()}
+        table: dict[str, Any] = {
+            v: {o: c.b_crit for o, c in curves.items()} for v, curves in self.curves.items()
+        }
         table["b_simple"] = self.scales.get("b_simple")
         table["b_noise"] = self.scales.get("b_noise")
         return table
@@ -142,13 +144,24 @@ def run_predict(
     from curvlab.analysis.predict import PredictError
 
     if route == "fvp":
-        raise PredictError("the prediction needs the curvature of every direction: use --curvature exact, "
-                           "mc or auto, not fvp")
+        raise PredictError(
+            "the prediction needs the curvature of every direction: use --curvature exact, "
+            "mc or auto, not fvp"
+        )
     task = default_task(task)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    result = run_gradcov(model, batches, bases, route=route, directions=directions, mc_samples=mc_samples,
-                         seed=seed, progress=progress, task=task)
+    result = run_gradcov(
+        model,
+        batches,
+        bases,
+        route=route,
+        directions=directions,
+        mc_samples=mc_samples,
+        seed=seed,
+        progress=progress,
+        task=task,
+    )
     initial = training_objective(model, batches, task)
     seconds["measure"] = time.perf_counter() - start
     meas = Measurements.from_statistics(result.layers, population)
@@ -168,10 +181,30 @@ def run_predict(
         mapped = measured_problem(meas, variant)
         problems[variant] = mapped.info
         curves[variant] = predict_curves(
-            mapped, fraction, batch_sizes, optimizers, population=population, lr_grid=lr_grid,
-            decay_grid=decay_grid, t_max=t_max, mode=mode, bins=bins, progress=progress,
+            mapped,
+            fraction,
+            batch_sizes,
+            optimizers,
+            population=population,
+            lr_grid=lr_grid,
+            decay_grid=decay_grid,
+            t_max=t_max,
+            mode=mode,
+            bins=bins,
+            progress=progress,
         )
     seconds["nqm"] = time.perf_counter() - start
-    return Prediction(meas, result, initial, target, loss_floor, fraction, scales, exponent, problems, curves,
-                      [int(b) for b in batch_sizes], seconds)
-
+    return Prediction(
+        meas,
+        result,
+        initial,
+        target,
+        loss_floor,
+        fraction,
+        scales,
+        exponent,
+        problems,
+        curves,
+        [int(b) for b in batch_sizes],
+        seconds,
+    )

@@ -52,53 +52,115 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", metavar="CKPT")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    _add_model_options(p, required=False, rebuild="default: the checkpoint's model; a model built by a "
-                       "factory is rebuilt only with --model (and --model-arg) naming it")
-    p.add_argument("--data", default=None, help=f"data source: {DATA_SOURCES}, or your own PATH.py:FUNC "
-                   "(default: the checkpoint's; a recorded factory must be named again)")
-    p.add_argument("--examples", type=_positive_int, default=None,
-                   help="training examples measured (default: the whole training split)")
-    p.add_argument("--population", default=None, metavar="N|inf",
-                   help="training examples the batches are drawn from, without replacement (default: the "
-                   "training split's size); inf: an unlimited stream")
+    _add_model_options(
+        p,
+        required=False,
+        rebuild="default: the checkpoint's model; a model built by a "
+        "factory is rebuilt only with --model (and --model-arg) naming it",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help=f"data source: {DATA_SOURCES}, or your own PATH.py:FUNC "
+        "(default: the checkpoint's; a recorded factory must be named again)",
+    )
+    p.add_argument(
+        "--examples",
+        type=_positive_int,
+        default=None,
+        help="training examples measured (default: the whole training split)",
+    )
+    p.add_argument(
+        "--population",
+        default=None,
+        metavar="N|inf",
+        help="training examples the batches are drawn from, without replacement (default: the "
+        "training split's size); inf: an unlimited stream",
+    )
     p.add_argument("--batch-size", type=_positive_int, default=128, help="examples per measuring batch")
-    p.add_argument("--target", default=None, metavar="fraction=F|loss=X",
-                   help="required, no default: a fraction of the NQM's initial risk, or a training loss "
-                   "(mapped with the loss at the checkpoint and --loss-floor)")
-    p.add_argument("--loss-floor", type=float, default=0.0, metavar="L",
-                   help="the lowest training loss, for --target loss=X (default 0)")
-    p.add_argument("--optimizers", default=DEFAULT_OPTIMIZERS, metavar="LIST",
-                   help="sgd, momentum, kfac (the NQM's preconditioning power 1, momentum tuned), ema "
-                   f"(default: {DEFAULT_OPTIMIZERS})")
-    p.add_argument("--batch-sizes", default=DEFAULT_BATCH_SIZES, metavar="LIST",
-                   help=f"comma-separated, powers 2^k or ranges 2^a..2^b (default: {DEFAULT_BATCH_SIZES})")
-    p.add_argument("--variants", default="all", metavar="LIST",
-                   help="NQMs: nqm (measured), nqm_isotropic_theta, nqm_c_prop_h, nqm_1_over_i (default: all)")
-    p.add_argument("--curvature", choices=("auto", "exact", "mc"), default="auto",
-                   help="all-direction curvature route, as gradcov's (default: auto = exact for up to 100 "
-                   "backward passes per batch, else mc)")
-    p.add_argument("--mc-samples", type=_positive_int, default=4, help="labels per example for mc (default 4)")
-    p.add_argument("--directions", type=int, default=2,
-                   help="jvp-checked directions per layer (default 2)")
+    p.add_argument(
+        "--target",
+        default=None,
+        metavar="fraction=F|loss=X",
+        help="required, no default: a fraction of the NQM's initial risk, or a training loss "
+        "(mapped with the loss at the checkpoint and --loss-floor)",
+    )
+    p.add_argument(
+        "--loss-floor",
+        type=float,
+        default=0.0,
+        metavar="L",
+        help="the lowest training loss, for --target loss=X (default 0)",
+    )
+    p.add_argument(
+        "--optimizers",
+        default=DEFAULT_OPTIMIZERS,
+        metavar="LIST",
+        help="sgd, momentum, kfac (the NQM's preconditioning power 1, momentum tuned), ema "
+        f"(default: {DEFAULT_OPTIMIZERS})",
+    )
+    p.add_argument(
+        "--batch-sizes",
+        default=DEFAULT_BATCH_SIZES,
+        metavar="LIST",
+        help=f"comma-separated, powers 2^k or ranges 2^a..2^b (default: {DEFAULT_BATCH_SIZES})",
+    )
+    p.add_argument(
+        "--variants",
+        default="all",
+        metavar="LIST",
+        help="NQMs: nqm (measured), nqm_isotropic_theta, nqm_c_prop_h, nqm_1_over_i (default: all)",
+    )
+    p.add_argument(
+        "--curvature",
+        choices=("auto", "exact", "mc"),
+        default="auto",
+        help="all-direction curvature route, as gradcov's (default: auto = exact for up to 100 "
+        "backward passes per batch, else mc)",
+    )
+    p.add_argument(
+        "--mc-samples", type=_positive_int, default=4, help="labels per example for mc (default 4)"
+    )
+    p.add_argument("--directions", type=int, default=2, help="jvp-checked directions per layer (default 2)")
     _add_loss_options(p, "the loss the checkpoint step records, else cross-entropy")
-    p.add_argument("--layers", action="append", default=None, metavar="GLOB",
-                   help="layers, repeatable (default: every layer of the checkpoint)")
+    p.add_argument(
+        "--layers",
+        action="append",
+        default=None,
+        metavar="GLOB",
+        help="layers, repeatable (default: every layer of the checkpoint)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the mc labels (default 0)")
-    p.add_argument("--dtype", choices=("float64", "float32"), default="float64",
-                   help="model precision (default float64)")
+    p.add_argument(
+        "--dtype", choices=("float64", "float32"), default="float64", help="model precision (default float64)"
+    )
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto: cuda if a GPU is visible")
-    p.add_argument("--mode", choices=("exact", "binned"), default="exact",
-                   help="NQM over every direction, or 100 geometric bins of h (default: exact)")
+    p.add_argument(
+        "--mode",
+        choices=("exact", "binned"),
+        default="exact",
+        help="NQM over every direction, or 100 geometric bins of h (default: exact)",
+    )
     p.add_argument("--bins", type=_positive_int, default=100, help="bins in binned mode (default 100)")
     p.add_argument("--lr-grid", type=_positive_int, default=100, help="learning rates (default 100)")
-    p.add_argument("--decay-grid", type=_positive_int, default=20,
-                   help="momentum / averaging decays 1 - logspace(-5, 0, N) (default 20)")
+    p.add_argument(
+        "--decay-grid",
+        type=_positive_int,
+        default=20,
+        help="momentum / averaging decays 1 - logspace(-5, 0, N) (default 20)",
+    )
     p.add_argument("--t-max", type=_positive_int, default=10**9, help="give up beyond T steps (default 10^9)")
-    p.add_argument("--sweep", default=None, metavar="RESULTS.json",
-                   help="compare with a curvlab sweep's results.json (default: no comparison)")
+    p.add_argument(
+        "--sweep",
+        default=None,
+        metavar="RESULTS.json",
+        help="compare with a curvlab sweep's results.json (default: no comparison)",
+    )
     p.add_argument("-o", "--output", default=None, metavar="PRED.json", help="default: CKPT.predict.json")
     p.add_argument("--plot", default=None, metavar="P.png", help="the predicted curves (default: no plot)")
-    p.add_argument("--json", action="store_true", help="print the prediction file's summary as one JSON object")
+    p.add_argument(
+        "--json", action="store_true", help="print the prediction file's summary as one JSON object"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=run_predict)
 
@@ -137,14 +199,18 @@ def _check_options(args: argparse.Namespace) -> tuple[list[str], list[str], list
         raise OptionError("--target is required: fraction=F or loss=X")
     kind = args.target.partition("=")[0].strip().lower()
     if kind == "error":
-        raise OptionError(f"--target {args.target}: the NQM predicts a loss, not a classification error; "
-                          "use loss=X or fraction=F")
+        raise OptionError(
+            f"--target {args.target}: the NQM predicts a loss, not a classification error; "
+            "use loss=X or fraction=F"
+        )
     if kind == "fraction":
         target_fraction(args.target)  # checked now; a loss target needs the loss at the checkpoint
     elif kind != "loss":
         raise OptionError(f"--target {args.target!r}: expected fraction=F or loss=X")
     optimizers = _names(args.optimizers, "--optimizers", OPTIMIZERS)
-    variants = list(VARIANTS) if args.variants.strip() == "all" else _names(args.variants, "--variants", VARIANTS)
+    variants = (
+        list(VARIANTS) if args.variants.strip() == "all" else _names(args.variants, "--variants", VARIANTS)
+    )
     batch_sizes = _parse_batch_sizes(args.batch_sizes)
     if len(batch_sizes) > MAX_BATCH_SIZES or max(batch_sizes) > 2**40:
         raise OptionError(f"--batch-sizes: at most {MAX_BATCH_SIZES} sizes, each at most 2^40")
@@ -198,8 +264,11 @@ def run_predict(args: argparse.Namespace) -> int:
         model_args = config.get("args") or {}
     options = {} if not isinstance(name, str) or is_factory_spec(name) else data_options(name, model_args)
     split = _load_data(data_spec, named=args.data is not None, recorded_in=args.checkpoint, **options)
-    data = split if args.examples is None or args.examples >= len(split) else dataclasses.replace(
-        split, x=split.x[: args.examples], y=split.y[: args.examples])
+    data = (
+        split
+        if args.examples is None or args.examples >= len(split)
+        else dataclasses.replace(split, x=split.x[: args.examples], y=split.y[: args.examples])
+    )
     if len(data) < 2:
         raise OptionError(f"--data {data_spec}: the gradient variance needs at least 2 examples")
     population = _population(args.population, len(split), len(data))
@@ -215,18 +284,40 @@ def run_predict(args: argparse.Namespace) -> int:
     model.to(device=device, dtype=dtype)
     torch.manual_seed(args.seed)
     batches = [Task.move(batch, dtype=dtype) for batch in iterate_batches(data, args.batch_size)]
-    prediction = _on_data(data_spec, lambda: predict(
-        model, batches, bases, target=args.target, batch_sizes=batch_sizes, optimizers=optimizers,
-        variants=variants, population=population, loss_floor=args.loss_floor, route=args.curvature,
-        directions=args.directions, mc_samples=args.mc_samples, seed=args.seed, lr_grid=args.lr_grid,
-        decay_grid=args.decay_grid, t_max=args.t_max, mode=args.mode, bins=args.bins,
-        progress=not args.quiet, task=task,
-    ))
+    prediction = _on_data(
+        data_spec,
+        lambda: predict(
+            model,
+            batches,
+            bases,
+            target=args.target,
+            batch_sizes=batch_sizes,
+            optimizers=optimizers,
+            variants=variants,
+            population=population,
+            loss_floor=args.loss_floor,
+            route=args.curvature,
+            directions=args.directions,
+            mc_samples=args.mc_samples,
+            seed=args.seed,
+            lr_grid=args.lr_grid,
+            decay_grid=args.decay_grid,
+            t_max=args.t_max,
+            mode=args.mode,
+            bins=args.bins,
+            progress=not args.quiet,
+            task=task,
+        ),
+    )
     payload = prediction.to_json()
     payload["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     payload["curvlab_version"] = __version__
-    payload["checkpoint"] = {"path": os.path.abspath(args.checkpoint), "sha256": file_sha256(args.checkpoint),
-                             "step": source.step, "model": source.model_name}
+    payload["checkpoint"] = {
+        "path": os.path.abspath(args.checkpoint),
+        "sha256": file_sha256(args.checkpoint),
+        "step": source.step,
+        "model": source.model_name,
+    }
     payload["data"] = {"spec": data_spec, "examples": len(data)}
     payload["loss"] = {"name": task.loss.name, "options": task.loss.options()}
     payload["options"] = {k: v for k, v in sorted(vars(args).items()) if k != "handler"}
@@ -240,10 +331,16 @@ def run_predict(args: argparse.Namespace) -> int:
         from curvlab.plots.predict import plot_prediction
 
         _write(lambda: plot_prediction(payload, args.plot, results), args.plot)
-    summary = {"output": output, "plot": args.plot, "checkpoint": payload["checkpoint"],
-               "target": payload["target"], "initial_loss": payload["initial_loss"], "b_crit": payload["b_crit"],
-               "noise_exponent": {k: payload["noise_exponent"].get(k) for k in ("gamma", "interval", "level")},
-               "seconds": payload["seconds"]}
+    summary = {
+        "output": output,
+        "plot": args.plot,
+        "checkpoint": payload["checkpoint"],
+        "target": payload["target"],
+        "initial_loss": payload["initial_loss"],
+        "b_crit": payload["b_crit"],
+        "noise_exponent": {k: payload["noise_exponent"].get(k) for k in ("gamma", "interval", "level")},
+        "seconds": payload["seconds"],
+    }
     if results is not None:
         summary["comparison"] = {
             opt: {p: e.get("log2_error") for p, e in entry["predictors"].items()}
@@ -272,12 +369,16 @@ def _fmt(value) -> str:
 
 def _print_summary(payload: dict, output: str) -> None:
     target = payload["target"]
-    print(f"wrote {output}: loss {payload['initial_loss']:.4g} at step {payload['checkpoint']['step']}, "
-          f"target {target['spec']} = {target['fraction']:.4g} of the initial risk")
+    print(
+        f"wrote {output}: loss {payload['initial_loss']:.4g} at step {payload['checkpoint']['step']}, "
+        f"target {target['spec']} = {target['fraction']:.4g} of the initial risk"
+    )
     scales = payload["noise_scales"]
     exponent = payload["noise_exponent"]
-    print(f"  B_simple {_fmt(scales['b_simple'])}, B_noise {_fmt(scales['b_noise'])}; c ∝ h^γ with γ = "
-          f"{_fmt(exponent.get('gamma'))}")
+    print(
+        f"  B_simple {_fmt(scales['b_simple'])}, B_noise {_fmt(scales['b_noise'])}; c ∝ h^γ with γ = "
+        f"{_fmt(exponent.get('gamma'))}"
+    )
     for variant, pred in payload["predictors"].items():
         crit = ", ".join(f"{opt} {_fmt(c['fit'].get('b_crit'))}" for opt, c in pred["optimizers"].items())
         print(f"  {variant}: B_crit {crit}")
