@@ -39,7 +39,12 @@ def plot_prediction(
             label = f"{opt}: {'measured NQM' if variant == 'nqm' else '1/i NQM'}"
             ax.plot(b, s, color=color, ls=style, lw=1.4 if variant == "nqm" else 1.0, marker=".", label=label)
             fit = curve.get("fit") or {}
-            if variant == "nqm" and fit.get("b_crit") and fit.get("s_min") and fit.get("identified"):
+            if (
+                variant == "nqm"
+                and fit.get("identified")
+                and fit.get("s_min")
+                and b[0] <= (fit.get("b_crit") or 0) <= b[-1]
+            ):
                 ax.plot(
                     [fit["b_crit"]],
                     [2 * fit["s_min"]],
