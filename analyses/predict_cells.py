@@ -12,6 +12,22 @@ For each cell of :data:`CELLS` (a model on the embedded digits):
 3. ``python -m analyses.predict_cells compare``: every cell's errors
    (:func:`curvlab.analysis.predict_check.compare`) into ``analyses/predict_cells/comparison.json``.
 
+4. ``python -m analyses.predict_cells figure``: ``FIGURES/predict_cells.png`` (predicted and measured
+   steps per cell and optimizer), ``FIGURES/predict_cells_ch.png`` (the measured ``c`` against ``h`` per
+   cell, with the fitted ``c ∝ h^γ``) and ``FIGURES/predict_cells.json`` (what the page judges).
+
+**Verdicts** (criteria written with the predictions, before any validation sweep was looked at; the
+pairs are (cell, optimizer) with a measured ``B_crit`` that the sweep's fit identifies):
+
+1. *the measured-curvature NQM predicts B_crit within a factor 2*: ``|log2(B_pred/B_crit)| ≤ 1`` on more
+   than half of the pairs;
+2. *closer than B_simple and the 1/i NQM*: the NQM's ``|log2|`` error is below both ``B_simple``'s and the
+   paper's 1/i NQM's on more than half of the pairs;
+3. *the curve's shape*: the NQM's ``shape_rms_log2`` (the steps' log2 error after removing the best
+   constant factor) is at most 0.5 (a factor 1.41) on more than half of the (cell, optimizer) pairs with
+   at least 3 common batch sizes;
+4. *c ∝ h (γ = 1, the NQM's C = H)*: γ = 1 lies in the 90 % interval of every cell's fit.
+
 Nothing here runs inside ``make figures``: the figure reads the committed files. ``make predict-cells``
 reruns the whole validation (about 30 minutes on 2 cores).
 """
