@@ -41,6 +41,8 @@ import sys
 from pathlib import Path
 
 from analyses.config import DATA_DIR
+from analyses.registry import Verdict
+from analyses.registry import figure as figure_entry
 
 HERE = Path(__file__).resolve().parent / "predict_cells"
 
@@ -149,10 +151,173 @@ def compare() -> None:
         f.write("\n")
 
 
+def _cells_with_results() -> dict[str, tuple[dict, dict]]:
+    from curvlab.analysis.predict_check import load_prediction
+    from curvlab.sweep.results import load_results
+
+    out = {}
+    for cell in CELLS:
+        pred, res = HERE / cell / "prediction.json", HERE / cell / "results.json"
+        if pred.exists() and res.exists():
+            out[cell] = (load_prediction(pred), load_results(res))
+    return out
+
+
+def figure() -> None:
+    """The page's two figures and ``predict_cells.json`` from the committed files (no training)."""
+    import numpy as np
+
+    from analyses.config import FIGURES, write_json
+    from curvlab.analysis.predict_check import compare as compare_one
+    from curvlab.plots import new_figure, save_figure
+    from curvlab.plots.predict import COLORS
+
+    cells = _cells_with_results()
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    fig, axes = new_figure(11.5, 3.8)
+    fig.clear()
+    axes = fig.subplots(1, len(CELLS), squeeze=False)[0]
+    fig2 = new_figure(11.5, 3.6)[0]
+    fig2.clear()
+    axes2 = fig2.subplots(1, len(CELLS), squeeze=False)[0]
+    summary: dict = {"cells": {}, "gamma": {}}
+    for ax, ax2, cell in zip(axes, axes2, CELLS, strict=True):
+        ax.set_title(f"{cell}: {' '.join(CELLS[cell][1]) or CELLS[cell][0]}", fontsize=9)
+        if cell not in cells:
+            ax.text(0.5, 0.5, "no sweep yet", transform=ax.transAxes, ha="center")
+            continue
+        pred, res = cells[cell]
+        table = compare_one(pred, res)
+        summary["cells"][cell] = table
+        exponent = pred["noise_exponent"]
+        summary["gamma"][cell] = {k: exponent.get(k) for k in ("gamma", "interval", "level", "directions")}
+        for opt, entry in table["optimizers"].items():
+            color = COLORS.get(opt, "gray")
+            curve = pred["predictors"]["nqm"]["optimizers"][opt]
+            paper = pred["predictors"]["nqm_1_over_i"]["optimizers"][opt]
+            for c, style, label in ((curve, "-", "NQM"), (paper, "--", "1/i NQM")):
+                pts = [(b, st) for b, st in zip(c["batch_sizes"], c["steps"], strict=True) if st]
+                if pts:
+                    b, st = np.array(pts, dtype=float).T
+                    ax.plot(b, st, color=color, ls=style, lw=1.2, label=f"{opt} {label}")
+            offset = entry["predictors"]["nqm"]["steps"].get("log2_offset")
+            if offset is not None:
+                pts = [(b, st) for b, st in zip(curve["batch_sizes"], curve["steps"], strict=True) if st]
+                b, st = np.array(pts, dtype=float).T
+                ax.plot(b, st / 2**offset, color=color, ls=":", lw=1, label=f"{opt} NQM / 2^{offset:.1f}")
+            measured = {int(k): v for k, v in entry["measured"]["steps"].items()}
+            if measured:
+                ax.plot(
+                    list(measured),
+                    list(measured.values()),
+                    "o",
+                    color=color,
+                    mfc="white",
+                    label=f"{opt} measured",
+                )
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size B")
+        ax.set_ylabel("steps to loss=0.3")
+        ax.legend(fontsize=5.5)
+        hist = exponent.get("histogram") or {}
+        if hist.get("counts"):
+            xe, ye = np.array(hist["log10_h_edges"]), np.array(hist["log10_c_edges"])
+            counts = np.array(hist["counts"], dtype=float).T
+            ax2.pcolormesh(xe, ye, np.where(counts > 0, counts, np.nan), cmap="viridis", shading="flat")
+            if exponent.get("gamma") is not None:
+                x = np.array([xe[0], xe[-1]])
+                gamma, icpt = exponent["gamma"], exponent["log_intercept"] / np.log(10)
+                lo, hi = exponent["interval"]
+                ax2.plot(
+                    x,
+                    icpt + gamma * x,
+                    color="red",
+                    lw=1.2,
+                    label=f"c ∝ h^γ, γ = {gamma:.2f} [{lo:.2f}, {hi:.2f}]",
+                )
+                xm = (xe[0] + xe[-1]) / 2
+                ax2.plot(x, icpt + gamma * xm + (x - xm), color="white", ls="--", lw=1, label="γ = 1")
+            ax2.legend(fontsize=6)
+        ax2.set_title(cell, fontsize=9)
+        ax2.set_xlabel("log10 h (curvature)")
+        ax2.set_ylabel("log10 c (per-example variance)")
+    save_figure(fig, FIGURES / "predict_cells.png")
+    save_figure(fig2, FIGURES / "predict_cells_ch.png")
+    write_json(FIGURES / "predict_cells.json", summary)
+
+
+def judge(data: dict) -> Verdict:
+    """The four criteria of the module docstring on ``predict_cells.json``."""
+    pairs, shapes = [], []
+    for cell, table in data.get("cells", {}).items():
+        for opt, entry in table["optimizers"].items():
+            p = entry["predictors"]
+            if p["nqm"]["log2_error"] is not None:
+                pairs.append(
+                    (
+                        f"{cell}/{opt}",
+                        p["nqm"]["log2_error"],
+                        p["b_simple"]["log2_error"],
+                        p["nqm_1_over_i"]["log2_error"],
+                    )
+                )
+            steps = p["nqm"]["steps"]
+            if steps["points"] >= 3 and steps["shape_rms_log2"] is not None:
+                shapes.append((f"{cell}/{opt}", steps["shape_rms_log2"]))
+    gammas = data.get("gamma", {})
+    numbers: dict = {f"{name}: |log2| NQM, B_simple, 1/i": [e, s, q] for name, e, s, q in pairs}
+    numbers.update({f"{name}: shape rms log2": v for name, v in shapes})
+    numbers.update({f"{cell}: γ [90 %]": [g["gamma"], *(g["interval"] or [])] for cell, g in gammas.items()})
+    if not pairs:
+        return Verdict(None, "no (cell, optimizer) pair with an identified measured B_crit", numbers)
+    within = sum(e <= 1 for _, e, _, _ in pairs)
+    closer = sum(s is not None and q is not None and e < s and e < q for _, e, s, q in pairs)
+    shape_ok = sum(v <= 0.5 for _, v in shapes)
+    gamma_ok = all(g["interval"] and g["interval"][0] <= 1 <= g["interval"][1] for g in gammas.values())
+    checks = {
+        "within a factor 2": within * 2 > len(pairs),
+        "closer than B_simple and 1/i": closer * 2 > len(pairs),
+        "shape within 1.41×": shape_ok * 2 > len(shapes) if shapes else None,
+        "γ = 1 in every interval": gamma_ok,
+    }
+    numbers.update({f"criterion {k}": v for k, v in checks.items()})
+    numbers["pairs within a factor 2"] = f"{within}/{len(pairs)}"
+    numbers["pairs where the NQM is closest"] = f"{closer}/{len(pairs)}"
+    numbers["pairs with the shape within 1.41×"] = f"{shape_ok}/{len(shapes)}"
+    held = None if None in checks.values() else all(checks.values())
+    failed = [k for k, v in checks.items() if v is False]
+    why = (
+        "all four criteria held"
+        if held
+        else f"did not hold: {', '.join(failed)}"
+        if failed
+        else "not judged: too few batch sizes reached the target"
+    )
+    return Verdict(held, why, numbers)
+
+
+figure_entry(
+    "predict_cells",
+    "Batch-size scaling predicted from curvature and noise (curvlab predict vs sweep)",
+    claim="The NQM with the network's own measured curvature, gradient noise and initial error (issue 17) "
+    "predicts the critical batch size within a factor 2 on most cells, closer than B_simple and the "
+    "paper's 1/i NQM, and the steps-vs-batch-size curve up to its unit of time; the NQM assumes C = H.",
+    criterion="pairs = (cell, optimizer) with an identified measured B_crit; held when (1) the NQM's "
+    "|log2(B_pred/B_crit)| <= 1 on more than half the pairs, (2) it is below both B_simple's and the 1/i "
+    "NQM's on more than half, (3) the steps' log2 rms after removing the best constant factor is <= 0.5 on "
+    "more than half of the pairs with 3+ common batch sizes, and (4) gamma = 1 is inside every cell's 90 % "
+    "interval of c ∝ h^gamma — written before the validation sweeps were read",
+    images=("predict_cells.png", "predict_cells_ch.png"),
+)(judge)
+
+
 if __name__ == "__main__":
     what = sys.argv[1]
     if what == "compare":
         compare()
+    elif what == "figure":
+        figure()
     else:
         for name in sys.argv[2:] or list(CELLS):
             {"predict": predict, "sweep": sweep}[what](name)
