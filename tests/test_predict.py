@@ -165,6 +165,17 @@ def test_quadratic_steps_match_the_dense_recursion(quadratic):
         assert int(got.steps[0]) == t
 
 
+def test_api_predict_is_the_same_computation(quadratic):
+    import curvlab
+
+    model, x, y, task, dense, pred = quadratic
+    factors = collect_factors(model, [(x[:16], y[:16]), (x[16:], y[16:])], fisher="exact", task=task)
+    again = curvlab.predict(model, [(x, y)], factors, target="fraction=0.1", batch_sizes=BATCH_SIZES,
+                            optimizers=("sgd",), variants=("nqm",), population=len(x), curvature="exact")
+    assert again.curves["nqm"]["sgd"].steps == pred.curves["nqm"]["sgd"].steps
+    assert again.scales["b_noise"] == pytest.approx(pred.scales["b_noise"], rel=1e-10)
+
+
 def test_target_fraction_and_loss_mapping():
     assert target_fraction("fraction=0.25") == 0.25
     assert target_fraction("loss=1.0", initial_loss=2.0, loss_floor=0.5) == pytest.approx(1 / 3)
