@@ -382,3 +382,26 @@ def test_predict_command_errors(checkpoint, tmp_path):
     bad.write_bytes(b"not hdf5")
     _one_line_error(_run("predict", str(bad), "--target", "fraction=0.1", "-o", str(out)), str(bad))
     assert not out.exists()
+
+
+def test_predict_own_model_with_norm_blocks(tmp_path, capsys):
+    """A factory-built CNN (conv, eval-mode BatchNorm as NormAffine blocks, residual) goes through predict
+    when --model names the factory, and is refused with one line when it does not."""
+    from pathlib import Path
+
+    cnn = f"{Path(__file__).parent / 'own_models' / 'cnn.py'}:build"
+    x, out = str(tmp_path / "cnn.h5"), tmp_path / "cnn.predict.json"
+    assert main(["factors", "--model", cnn, "--model-arg", "width=3", "--examples", "24", "--fisher", "exact",
+                 "-o", x, "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["predict", x, "--target", "fraction=0.2", "--quiet", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("curvlab: error: ") and "--model" in err and not out.exists()
+    assert main(["predict", x, "--model", cnn, "--model-arg", "width=3", "--examples", "24", "--population",
+                 "inf", "--target", "fraction=0.2", "--batch-sizes", "4,32", "--optimizers", "sgd",
+                 "--variants", "nqm", "--quiet", "-o", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [layer["name"] for layer in data["measured"]["layers"]] == [
+        "stem", "block.conv1", "block.bn1", "block.conv2", "head"]
+    assert data["measured"]["population"] is None
+    assert all(s > 0 for s in data["predictors"]["nqm"]["optimizers"]["sgd"]["steps"])
