@@ -237,7 +237,7 @@ def figure() -> None:
                     label=f"c ∝ h^γ, γ = {gamma:.2f} [{lo:.2f}, {hi:.2f}]",
                 )
                 xm = (xe[0] + xe[-1]) / 2
-                ax2.plot(x, icpt + gamma * xm + (x - xm), color="white", ls="--", lw=1, label="γ = 1")
+                ax2.plot(x, icpt + gamma * xm + (x - xm), color="tab:orange", ls="--", lw=1, label="γ = 1")
             ax2.legend(fontsize=6)
         ax2.set_title(cell, fontsize=9)
         ax2.set_xlabel("log10 h (curvature)")
