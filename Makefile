@@ -109,7 +109,7 @@ $(FIG)/sweep_%.png: $(SWEEPLIB) | $(STAMP)
 
 # curvlab predict against curvlab sweep on three small cells (analyses/predict_cells.py): the figure reads
 # the committed predictions and sweep results (seconds); `make predict-cells` reruns the whole
-# pre-registered validation (factors, predictions, sweeps: about 30 minutes on 2 cores) into them.
+# pre-registered validation (factors, predictions, sweeps: about an hour on 2 shared cores) into them.
 PREDICTLIB := curvlab/analysis/predict_check.py curvlab/plots/predict.py analyses/predict_cells.py \
               $(wildcard analyses/predict_cells/*/*.json)
 $(FIG)/predict_cells.png: $(PREDICTLIB) | $(STAMP)

@@ -29,7 +29,7 @@ pairs are (cell, optimizer) with a measured ``B_crit`` that the sweep's fit iden
 4. *c ∝ h (γ = 1, the NQM's C = H)*: γ = 1 lies in the 90 % interval of every cell's fit.
 
 Nothing here runs inside ``make figures``: the figure reads the committed files. ``make predict-cells``
-reruns the whole validation (about 30 minutes on 2 cores).
+reruns the whole validation (about an hour on 2 shared cores).
 """
 
 from __future__ import annotations
