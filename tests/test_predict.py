@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -353,34 +351,28 @@ def test_predict_command_writes_the_file_and_plot(checkpoint, tmp_path, capsys):
     assert image.ndim == 3 and image.shape[0] > 200 and image.std() > 0.05
 
 
-def _run(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "curvlab", *args], capture_output=True, text=True, timeout=300
-    )
-
-
-def _one_line_error(run, *fragments):
-    assert run.returncode == 2, run.stderr
-    lines = [line for line in run.stderr.splitlines() if line.strip()]
-    assert lines[-1].startswith("curvlab: error:") and "Traceback" not in run.stderr
+def _one_line_error(capsys, argv, *fragments):
+    """Exit status 2, one stderr line naming the problem, no traceback (the commands' error handler)."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("curvlab: error:") and "Traceback" not in err, err
     for fragment in fragments:
-        assert fragment in lines[-1]
+        assert fragment in err
 
 
-def test_predict_command_errors(checkpoint, tmp_path):
+def test_predict_command_errors(checkpoint, tmp_path, capsys):
     out = tmp_path / "e.json"
-    common = [str(checkpoint), "--examples", "16", "-o", str(out), "--quiet"]
-    _one_line_error(_run("predict", *common), "--target is required")
-    _one_line_error(_run("predict", *common, "--target", "error=0.1"), "classification error")
-    _one_line_error(_run("predict", *common, "--target", "fraction=0.1", "--optimizers", "adam"), "adam")
-    _one_line_error(_run("predict", *common, "--target", "loss=99"), "already")
-    _one_line_error(
-        _run("predict", str(checkpoint), "--target", "fraction=0.1", "-o", str(checkpoint)),
-        "refusing to overwrite",
-    )
+    common = ["predict", str(checkpoint), "--examples", "16", "-o", str(out), "--quiet"]
+    _one_line_error(capsys, common, "--target is required")
+    _one_line_error(capsys, [*common, "--target", "error=0.1"], "classification error")
+    _one_line_error(capsys, [*common, "--target", "fraction=0.1", "--optimizers", "adam"], "adam")
+    _one_line_error(capsys, [*common, "--target", "loss=99"], "already meets")
+    _one_line_error(capsys, ["predict", str(checkpoint), "--target", "fraction=0.1", "-o", str(checkpoint)],
+                    "refusing to overwrite")
     bad = tmp_path / "bad.h5"
     bad.write_bytes(b"not hdf5")
-    _one_line_error(_run("predict", str(bad), "--target", "fraction=0.1", "-o", str(out)), str(bad))
+    _one_line_error(capsys, ["predict", str(bad), "--target", "fraction=0.1", "-o", str(out)], str(bad))
     assert not out.exists()
 
 
