@@ -201,7 +201,12 @@ def test_measurements_refuse_bad_values_and_count_the_null_space():
     with pytest.raises(PredictError, match="NaN"):
         _meas([1.0, np.nan], [1, 1], [1, 1])
     with pytest.raises(PredictError, match="non-negative"):
-        _meas([1.0, -1], [1, 1], [1, 1])
+        _meas([1.0, 1.0], [1, -1], [1, 1])
+    # a negative Monte-Carlo curvature (tied weights' unbiased estimator): left out and counted
+    negative = _meas([1.0, -0.1, 0.5], [1.0, 1.0, 1.0], [1.0, 1.0, 0.5], n=10, population=10)
+    assert measured_problem(negative).info["negative_curvature_directions"] == 1
+    assert measured_problem(negative).info["nqm_directions"] == 2
+    assert noise_scales(negative)["tr_h_sigma"] == pytest.approx(1.5)
     with pytest.raises(PredictError, match="at least 2"):
         _meas([1.0], [1], [1], n=1)
     with pytest.raises(PredictError, match="add up"):

@@ -103,7 +103,11 @@ class PredictError(CurvlabError):
 class Measurements:
     """Per KFE direction, all layers concatenated in order: ``curvature`` ``h``, ``variance`` ``c``
     (unbiased over ``num_examples``), ``mean`` ``ĝ``. ``layers`` lists ``(name, directions)``;
-    ``population`` is ``N``, the training examples batches are drawn from (``None``: unlimited)."""
+    ``population`` is ``N``, the training examples batches are drawn from (``None``: unlimited).
+
+    A Monte-Carlo curvature may be negative (the unbiased Rao-Blackwellised estimator of a tied weight,
+    gradcov's ``mc`` route): such directions fall below the null floor, are left out of the NQM like the
+    null space and counted (``negative_curvature_directions``); the noise scales use ``max(h, 0)``."""
 
     curvature: np.ndarray
     variance: np.ndarray
@@ -123,8 +127,8 @@ class Measurements:
         for name, a in zip(("curvature", "variance", "mean gradient"), arrays, strict=True):
             if not np.all(np.isfinite(a)):
                 raise PredictError(f"the measured {name} holds NaN or infinite values")
-        if np.any(arrays[0] < 0) or np.any(arrays[1] < 0):
-            raise PredictError("the measured curvature and variance must be non-negative")
+        if np.any(arrays[1] < 0):
+            raise PredictError("the measured variance must be non-negative")
         if not arrays[0].max() > 0:
             raise PredictError(
                 "the measured curvature is zero in every direction: there is no quadratic model"
@@ -198,11 +202,13 @@ def noise_scales(meas: Measurements) -> dict[str, Any]:
     """
     g2 = meas.gradient_sq()
     null = meas.null_mask()
+    h = np.maximum(meas.curvature, 0.0)  # a Monte-Carlo estimate below 0 counts as 0 (class docstring)
     out = {
         "tr_sigma": float(meas.variance.sum()),
         "gradient_norm_sq": float(g2.sum()),
-        "tr_h_sigma": float(np.sum(meas.curvature * meas.variance)),
-        "gHg": float(np.sum(meas.curvature * g2)),
+        "tr_h_sigma": float(np.sum(h * meas.variance)),
+        "gHg": float(np.sum(h * g2)),
+        "negative_curvature_directions": int(np.sum(meas.curvature < 0)),
         "null_share_tr_sigma": float(meas.variance[null].sum() / meas.variance.sum())
         if meas.variance.sum() > 0
         else 0.0,
@@ -256,6 +262,7 @@ def measured_problem(meas: Measurements, variant: str = "nqm") -> MappedProblem:
         "description": VARIANTS[variant],
         "directions": int(meas.curvature.size),
         "null_directions": int(null.sum()),
+        "negative_curvature_directions": int(np.sum(meas.curvature < 0)),
         "null_floor": meas.null_floor(),
         "nqm_directions": int(h.size),
         "initial_risk": problem.initial_risk(),
