@@ -402,3 +402,22 @@ def test_predict_own_model_with_norm_blocks(tmp_path, capsys):
         "stem", "block.conv1", "block.bn1", "block.conv2", "head"]
     assert data["measured"]["population"] is None
     assert all(s > 0 for s in data["predictors"]["nqm"]["optimizers"]["sgd"]["steps"])
+
+
+def test_predict_own_transformer_mc_route(tmp_path, capsys):
+    """An own Transformer (attention projections, LayerNorm blocks, a tied head) with its token data:
+    the Monte-Carlo route (12 classes x 9 label locations), every entry measured."""
+    from pathlib import Path
+
+    lm = str(Path(__file__).parent / "own_models" / "transformer.py")
+    x, out = str(tmp_path / "lm.h5"), tmp_path / "lm.predict.json"
+    own = ["--model", f"{lm}:build", "--data", f"{lm}:tokens", "--examples", "24", "--quiet"]
+    assert main(["factors", *own, "--fisher", "mc", "-o", x]) == 0
+    assert main(["predict", x, *own, "--target", "fraction=0.2", "--batch-sizes", "4,16",
+                 "--optimizers", "sgd", "--variants", "nqm", "-o", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["measured"]["curvature_route"] == "mc"
+    assert "pre_softmax" in [layer["name"] for layer in data["measured"]["layers"]]
+    info = data["predictors"]["nqm"]
+    assert info["nqm_directions"] + info["null_directions"] == info["directions"]
+    assert data["noise_scales"]["b_simple"] > 0
