@@ -12,7 +12,7 @@ else
 TORCH ?= torch==2.13.0
 endif
 
-.PHONY: install test test-all lint peers bench fuzz figures sweeps clean
+.PHONY: install test test-all lint peers bench fuzz figures sweeps predict-cells clean
 .DELETE_ON_ERROR:
 
 install: $(STAMP)
@@ -73,7 +73,7 @@ NQMLIB := $(wildcard curvlab/nqm/*.py) curvlab/plots/nqm.py curvlab/commands/__i
 RUNS   := $(FIG)/data/runs
 FIGURE_PNGS := $(addprefix $(FIG)/,fig09.png fig10a.png fig10b.png fig11.png fig12.png fig13.png \
                fig14a.png fig14b.png fig14c.png fig15.png sweep_mlp.png \
-               kfac_vs_ggn_resnet8.png kfac_vs_ggn_transformer.png)
+               kfac_vs_ggn_resnet8.png kfac_vs_ggn_transformer.png predict_cells.png)
 SWEEPLIB := $(wildcard curvlab/sweep/*.py curvlab/optim/*.py curvlab/models/*.py) curvlab/analysis/scaling.py \
             curvlab/plots/sweep.py curvlab/commands/sweep.py analyses/config.py analyses/sweep.py
 # a reduced run of the same path (CI: make figures SCALE=paper DATA=cifar10:DIR STEPS=2 EXAMPLES=64 ...)
@@ -114,6 +114,19 @@ $(FIG)/fig15.png: $(NQMLIB) | $(STAMP)
 # $(FIG)/data/sweeps/ is resumed, never redone: finished trials are reused when the figure is rebuilt.
 $(FIG)/sweep_%.png: $(SWEEPLIB) | $(STAMP)
 	$(BIN)/python -m analyses.sweep $*
+
+# curvlab predict against curvlab sweep on three small cells (analyses/predict_cells.py): the figure reads
+# the committed predictions and sweep results (seconds); `make predict-cells` reruns the whole
+# pre-registered validation (factors, predictions, sweeps: about an hour on 2 shared cores) into them.
+PREDICTLIB := curvlab/analysis/predict_check.py curvlab/plots/predict.py analyses/predict_cells.py \
+              $(wildcard analyses/predict_cells/*/*.json)
+$(FIG)/predict_cells.png: $(PREDICTLIB) | $(STAMP)
+	$(BIN)/python -m analyses.predict_cells figure
+predict-cells: | $(STAMP)
+	$(BIN)/python -m analyses.predict_cells predict
+	$(BIN)/python -m analyses.predict_cells sweep
+	$(BIN)/python -m analyses.predict_cells compare
+	$(BIN)/python -m analyses.predict_cells figure
 
 # `make sweeps`: the long sweeps of mlp and simple_cnn (batch sizes 4-1024, 16 trials, 3 seeds; hours on
 # 2 cores), into figures/full/ with the small scale's other settings.

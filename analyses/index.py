@@ -26,7 +26,7 @@ from analyses.config import FIGURES, SCALE, SETTINGS, write_json
 from analyses.registry import REGISTRY, Entry, Verdict, fmt
 
 #: Modules whose import registers the page's entries, in page order.
-ENTRY_MODULES = ("analyses.criteria", "analyses.kfac_vs_ggn", "analyses.sweep")
+ENTRY_MODULES = ("analyses.criteria", "analyses.kfac_vs_ggn", "analyses.sweep", "analyses.predict_cells")
 
 VERDICT_WORDS = {True: "held", False: "did not hold", None: "not judged"}
 VERDICT_COLOURS = {True: "#1a7f37", False: "#b3261e", None: "#6e6e6e"}

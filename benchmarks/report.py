@@ -134,6 +134,16 @@ def operators(d: dict) -> str:
     )
 
 
+def predict(d: dict) -> str:
+    t, r = d["seconds"], d["ratios"]
+    return (
+        f"| curvlab predict vs the sweep it predicts: {d['work']} | predict {t['predict']:.1f} s (measuring "
+        f"{t['predict_measure']:.1f} s, NQM {t['predict_nqm']:.1f} s) = "
+        f"**{r['predict_over_sweep']:.2f}×** the sweep; with the factors "
+        f"{r['factors_and_predict_over_sweep']:.2f}× | sweep {t['sweep']:.1f} s |"
+    )
+
+
 ROWS = {
     "factor_capture": factor_capture,
     "factor_capture_attention": factor_capture_attention,
@@ -144,6 +154,7 @@ ROWS = {
     "distributed": distributed,
     "sweep": sweep,
     "operators": operators,
+    "predict": predict,
 }
 
 

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks import distributed, factor_capture, gradcov, nqm_sweep, operators, spectrum, sweep, train_step
+from benchmarks import (
+    distributed,
+    factor_capture,
+    gradcov,
+    nqm_sweep,
+    operators,
+    predict,
+    spectrum,
+    sweep,
+    train_step,
+)
 
 BENCHMARKS = [
     factor_capture.run, factor_capture.run_attention, spectrum.run, gradcov.run, nqm_sweep.run,
-    train_step.run, distributed.run, sweep.run, operators.run,
+    train_step.run, distributed.run, sweep.run, operators.run, predict.run,
 ]
 
 

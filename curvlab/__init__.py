@@ -2,8 +2,8 @@
 
 The Python API mirrors the commands (docs/api.md, :mod:`curvlab.api`): :func:`build_model` (a registry
 model or your own factory), :func:`collect_factors` and :func:`save_factors` (``curvlab factors``),
-:func:`load` and the checkpoint format, :func:`spectrum`, :func:`fit`, :func:`gradcov`, :func:`train`,
-and the optimizer :class:`KFAC` with the command line's defaults.
+:func:`load` and the checkpoint format, :func:`spectrum`, :func:`fit`, :func:`gradcov`, :func:`predict`,
+:func:`train`, and the optimizer :class:`KFAC` with the command line's defaults.
 K-FAC and EKFAC as linear operators: :class:`KFACOperator`, :class:`EKFACOperator` (docs/operators.md).
 
 The top-level names are imported lazily, so ``import curvlab`` (and ``import curvlab.io.checkpoint``,
@@ -29,6 +29,7 @@ _LAZY = {
     "spectrum": "curvlab.api",
     "fit": "curvlab.api",
     "gradcov": "curvlab.api",
+    "predict": "curvlab.api",
     "train": "curvlab.api",
     "KFAC": "curvlab.optim.kfac",
     "TrainConfig": "curvlab.optim.config",

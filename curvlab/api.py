@@ -38,7 +38,7 @@ from curvlab.errors import OptionError
 if TYPE_CHECKING:
     from curvlab.capture.task import Task
 
-__all__ = ["TrainResult", "build_model", "fit", "gradcov", "spectrum", "train"]
+__all__ = ["TrainResult", "build_model", "fit", "gradcov", "predict", "spectrum", "train"]
 
 
 def build_model(
@@ -202,6 +202,68 @@ def gradcov(
         names = _matching(list(factors), layers)
         bases = {name: LayerBasis.from_factors(factors[name].S, factors[name].A) for name in names}
     return run_gradcov(work, data, bases, route=curvature, directions=directions, mc_samples=mc_samples,
+                       seed=seed, task=task)
+
+
+def predict(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    factors: Any,
+    *,
+    target: str,
+    batch_sizes: Sequence[int] = tuple(2**k for k in range(2, 11)),
+    optimizers: Sequence[str] = ("sgd", "momentum", "kfac", "ema"),
+    variants: Sequence[str] | None = None,
+    population: int | None = None,
+    loss_floor: float = 0.0,
+    step: int | None = None,
+    layers: Sequence[str] | None = None,
+    curvature: str = "auto",
+    directions: int = 2,
+    mc_samples: int = 4,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    task: Task | None = None,
+) -> Any:
+    """Steps to ``target`` against the batch size predicted by the NQM built from the measured curvature,
+    gradient variance and mean gradient in the KFE: ``curvlab predict`` (docs/predict.md).
+
+    ``factors``, ``step``, ``layers``, ``curvature``, ``dtype``, ``task``: as :func:`gradcov` (``fvp`` is
+    refused: every direction needs its curvature). ``population``: the training examples batches are
+    drawn from (``None``: an unlimited stream; the command's default is the training split's size).
+    Returns a :class:`~curvlab.analysis.predict_run.Prediction`; ``.to_json()`` is the prediction file's
+    body without the checkpoint, options and time the command adds.
+    """
+    from curvlab.analysis.gradcov import LayerBasis
+    from curvlab.analysis.gradcov_run import bases_from_checkpoint
+    from curvlab.analysis.predict import VARIANTS
+    from curvlab.analysis.predict_run import run_predict
+    from curvlab.capture.task import Task, default_task
+
+    if curvature not in ("auto", "exact", "mc"):
+        raise OptionError(f"curvature {curvature!r}: choose auto, exact or mc")
+    if task is None:
+        task = Task(_recorded_loss(factors, step))
+    task = default_task(task)
+    work = copy.deepcopy(model).to(dtype=dtype).eval()
+    data = [Task.move(batch, dtype=dtype) for batch in batches]
+    if isinstance(factors, str | os.PathLike):
+        from curvlab.io.checkpoint import CheckpointReader
+
+        path = os.fspath(factors)
+        with CheckpointReader(path) as reader:
+            numbers = reader.step_numbers()
+            if not numbers:
+                raise OptionError(f"{path}: holds no complete step")
+            step = numbers[-1] if step is None else step
+            names = _matching(reader.layer_names(step), layers)
+        bases = bases_from_checkpoint(path, step, names)
+    else:
+        names = _matching(list(factors), layers)
+        bases = {name: LayerBasis.from_factors(factors[name].S, factors[name].A) for name in names}
+    return run_predict(work, data, bases, target=target, batch_sizes=list(batch_sizes), optimizers=optimizers,
+                       variants=tuple(VARIANTS) if variants is None else variants, population=population,
+                       loss_floor=loss_floor, route=curvature, directions=directions, mc_samples=mc_samples,
                        seed=seed, task=task)
 
 

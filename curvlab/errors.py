@@ -20,6 +20,10 @@ class DataError(CurvlabError):
     """A data source that is missing, truncated or in the wrong layout."""
 
 
+class NonFiniteOutputError(DataError):
+    """A model whose outputs hold NaN or infinite values (a diverged training run, or bad weights)."""
+
+
 class ModelError(CurvlabError):
     """An unknown model name or a bad ``--model-arg``."""
 

@@ -91,3 +91,26 @@ def test_layer_colours_are_distinct():
     for count in (3, 10, 13, 20, 31):
         colours = layer_colours(count)
         assert len(colours) == count and len({tuple(np.round(c, 6)) for c in colours}) == count
+
+
+def test_predict_cells_verdict_counts_pairs():
+    """The predict_cells criteria on hand-made comparisons: 2 of 3 identified pairs within a factor 2 and
+    closest, shapes fine, γ = 1 inside both intervals -> held; one γ interval excluding 1 -> not held."""
+    from analyses.predict_cells import judge
+
+    def entry(nqm, simple, paper, shape, points=4):
+        steps = {"points": points, "shape_rms_log2": shape}
+        return {"predictors": {"nqm": {"log2_error": nqm, "steps": steps}, "b_simple": {"log2_error": simple},
+                               "nqm_1_over_i": {"log2_error": paper, "steps": steps}}}
+
+    a = {"sgd": entry(0.5, 1.0, 2.0, 0.2), "momentum": entry(None, None, None, 0.9, points=2)}
+    b = {"sgd": entry(0.9, 1.5, 1.2, 0.3), "momentum": entry(1.5, 0.5, 0.2, 0.6)}
+    data = {
+        "cells": {"a": {"optimizers": a}, "b": {"optimizers": b}},
+        "gamma": {"a": {"gamma": 1.0, "interval": [0.9, 1.1]}, "b": {"gamma": 1.0, "interval": [0.99, 1.05]}},
+    }
+    verdict = judge(data)
+    assert verdict.held is True and verdict.numbers["pairs within a factor 2"] == "2/3"
+    data["gamma"]["b"]["interval"] = [1.01, 1.05]
+    assert judge(data).held is False
+    assert judge({"cells": {}, "gamma": {}}).held is None

@@ -171,6 +171,24 @@ def test_unreachable_target_spends_the_budget_and_says_so():
     assert diverged.outcome == "diverged" and diverged.steps is None
 
 
+def test_outputs_gone_non_finite_inside_an_update_are_a_divergence():
+    """The loss's check raises NonFiniteOutputError when an update left NaN weights (seen in a
+    simple_cnn sweep with momentum); the trial ends as diverged instead of the sweep dying."""
+    import math
+
+    from curvlab.errors import NonFiniteOutputError
+    from curvlab.sweep.trial import _finite_updates
+
+    def steps():
+        yield 1, 0.5, 0.1
+        yield 2, 0.4, 0.1
+        raise NonFiniteOutputError("the model's outputs hold NaN or infinite values")
+
+    out = list(_finite_updates(steps()))
+    assert out[:2] == [(1, 0.5, 0.1), (2, 0.4, 0.1)]
+    assert out[2][0] == 3 and math.isnan(out[2][1])
+
+
 # ------------------------------------------------------------------------------------ bookkeeping
 
 

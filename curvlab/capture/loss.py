@@ -69,7 +69,7 @@ from torch import Tensor
 
 from curvlab.capture.sampling import batch_normals, batch_uniforms, sample_categorical
 from curvlab.choices import FISHER_TYPES, LOSS_NAMES  # defined without torch, for the command line
-from curvlab.errors import CheckpointError, DataError, OptionError
+from curvlab.errors import CheckpointError, DataError, NonFiniteOutputError, OptionError
 
 __all__ = [
     "EXACT_PASS_LIMIT", "FISHER_TYPES", "LOSS_NAMES", "BinaryCrossEntropy", "CrossEntropy", "Loss",
@@ -94,7 +94,7 @@ def _check_finite_logits(logits: Tensor) -> None:
     if logits.dim() == 0:
         raise OptionError("the model's output is a scalar: curvlab needs one row of outputs per example")
     if not bool(torch.isfinite(logits).all()):
-        raise DataError("the model's outputs hold NaN or infinite values")
+        raise NonFiniteOutputError("the model's outputs hold NaN or infinite values")
 
 
 def _check_passes(passes: int, what: str) -> None:

@@ -12,7 +12,8 @@ fails (:func:`curvlab.io.atomic.all_or_nothing`).
 One module per command, each with its parser (``_add_<command>``) and its runner (``run_<command>``):
 :mod:`~curvlab.commands.factors`, :mod:`~curvlab.commands.info`, :mod:`~curvlab.commands.spectrum`,
 :mod:`~curvlab.commands.gradcov`, :mod:`~curvlab.commands.fit`, :mod:`~curvlab.commands.compare`,
-:mod:`~curvlab.commands.nqm`, :mod:`~curvlab.commands.train` and :mod:`~curvlab.commands.sweep`; what they
+:mod:`~curvlab.commands.nqm`, :mod:`~curvlab.commands.train`, :mod:`~curvlab.commands.sweep` and
+:mod:`~curvlab.commands.predict`; what they
 share (the one-line error report, option types, output checks) is :mod:`~curvlab.commands.common`. This
 module holds :func:`main` (the console script, and ``python -m curvlab``) and :func:`build_parser`.
 
@@ -37,6 +38,7 @@ from curvlab.commands.fit import _add_fit
 from curvlab.commands.gradcov import _add_gradcov
 from curvlab.commands.info import _add_info
 from curvlab.commands.nqm import _add_nqm
+from curvlab.commands.predict import _add_predict
 from curvlab.commands.spectrum import _add_spectrum
 from curvlab.commands.sweep import _add_sweep
 from curvlab.commands.train import _add_train
@@ -124,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_nqm(commands)
     _add_train(commands)
     _add_sweep(commands)
+    _add_predict(commands)
     for sub in _parsers(parser):
         sub.formatter_class = DefaultsHelpFormatter
     return parser

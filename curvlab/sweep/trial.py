@@ -112,6 +112,19 @@ def train_config(config: SweepConfig, optimizer: str, batch_size: int, fields: d
     )
 
 
+def _finite_updates(steps):
+    """The updates, with outputs gone non-finite during an update (the loss's check raises
+    :class:`~curvlab.errors.NonFiniteOutputError`) ending them with a NaN loss: a diverged trial."""
+    from curvlab.errors import NonFiniteOutputError
+
+    t = 0
+    try:
+        for t, loss, lr in steps:
+            yield t, loss, lr
+    except NonFiniteOutputError:
+        yield t + 1, math.nan, math.nan
+
+
 def run_trial(
     config: SweepConfig,
     optimizer: str,
@@ -138,7 +151,7 @@ def run_trial(
     curve: list[tuple[int, float]] = []
     outcome, steps, done, metric = "not reached", None, 0, None
     try:
-        for t, loss, _lr in updates(run):
+        for t, loss, _lr in _finite_updates(updates(run)):
             done = t
             if not math.isfinite(loss):
                 outcome = "diverged"
