@@ -86,7 +86,7 @@ def main(panel: str) -> None:
         common = [
             str(run_dir(name) / "ckpt.h5"), "--step", str(step), "--examples", str(s["gradcov_examples"]),
             "--batch-size", str(s.get("gradcov_batch", 16)), "--mc-samples", str(s["gradcov_mc_samples"]),
-            "--device", DEVICE,
+            "--device", DEVICE, "--data", s["data"],  # a recorded data file is read only when named
         ]
         summary = capture_json(
             "gradcov", *common, "--directions", str(s["gradcov_directions"]),

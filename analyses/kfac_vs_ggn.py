@@ -18,6 +18,8 @@ def main(name: str) -> None:
     summary = capture_json(
         "compare",
         str(run_dir(name) / "ckpt.h5"),
+        "--data",  # the run's data: a recorded data file is read only when named
+        SETTINGS[name]["data"],
         "--examples",
         str(s["examples"]),
         "--batch-size",
