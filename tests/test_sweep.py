@@ -280,10 +280,11 @@ def test_sigkill_then_resume(tmp_path):
     """Killed in the middle of a trial: the finished trials are kept as they are, the killed one is
     failed by heartbeat and retried with the same parameters, and only complete trials count."""
     out = tmp_path / "s"
-    # target loss=0 is never reached: every trial runs its whole budget (~1-2 s), long enough to be
-    # caught running
+    # target loss=0 is never reached: every trial runs its whole budget (~2-4 s), long enough to be
+    # caught running; the kill comes while the third of four runs (a whole trial of slack before the
+    # fourth, the last, could finish and leave nothing running)
     argv = [sys.executable, "-m", "curvlab", "sweep", *TINY, "--optimizers", "sgd", "--batch-sizes", "32",
-            "--target", "loss=0", "--trials", "4", "--max-steps", "150", "--seeds", "1", "--heartbeat", "1",
+            "--target", "loss=0", "--trials", "4", "--max-steps", "300", "--seeds", "1", "--heartbeat", "1",
             "--eval-every", "10", "-o", str(out), "--quiet"]
     proc = subprocess.Popen(argv, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
@@ -291,7 +292,7 @@ def test_sigkill_then_resume(tmp_path):
         def two_done_one_running():
             trials, state = _search_trials(out)
             done = [t for t in trials if t.state == state.COMPLETE]
-            return len(done) >= 2 and any(t.state == state.RUNNING for t in trials)
+            return len(done) == 2 and any(t.state == state.RUNNING for t in trials)
 
         _wait(two_done_one_running, 180, "two complete trials and a running one")
         os.killpg(proc.pid, signal.SIGKILL)

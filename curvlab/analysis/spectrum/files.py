@@ -476,7 +476,11 @@ def _read_spectrum_layers(
             if not isinstance(lg, h5py.Group):
                 raise CheckpointError("is not a group")
             module_type, has_bias = _attr(lg.attrs, "module_type"), bool(_attr(lg.attrs, "has_bias"))
-            size_a, size_s = expected_factor_sizes(module_type, _attr(lg.attrs, "weight_shape"), has_bias)
+            # weight_shape as stored (not collapsed to a scalar: a norm entry's shape has one entry)
+            if "weight_shape" not in lg.attrs:
+                raise CheckpointError("missing attribute weight_shape")
+            shape = hdf5.attribute(lg.attrs, "weight_shape", CheckpointError)
+            size_a, size_s = expected_factor_sizes(module_type, shape, has_bias)
             size_a *= block_size(module_type, has_bias) or 1  # a blocks A: C blocks of k eigenvalues
             out[name] = (
                 _read_eigenvalues(lg, "S", size_s, budget), _read_eigenvalues(lg, "A", size_a, budget)
