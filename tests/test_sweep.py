@@ -281,10 +281,10 @@ def test_sigkill_then_resume(tmp_path):
     failed by heartbeat and retried with the same parameters, and only complete trials count."""
     out = tmp_path / "s"
     # target loss=0 is never reached: every trial runs its whole budget (~2-4 s), long enough to be
-    # caught running; the kill comes while the third of four runs (a whole trial of slack before the
-    # fourth, the last, could finish and leave nothing running)
+    # caught running; the kill comes while the third or fourth of five runs, so that a trial finishing
+    # while the poll reads the database still leaves the next one running
     argv = [sys.executable, "-m", "curvlab", "sweep", *TINY, "--optimizers", "sgd", "--batch-sizes", "32",
-            "--target", "loss=0", "--trials", "4", "--max-steps", "300", "--seeds", "1", "--heartbeat", "1",
+            "--target", "loss=0", "--trials", "5", "--max-steps", "200", "--seeds", "1", "--heartbeat", "1",
             "--eval-every", "10", "-o", str(out), "--quiet"]
     proc = subprocess.Popen(argv, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
@@ -292,7 +292,7 @@ def test_sigkill_then_resume(tmp_path):
         def two_done_one_running():
             trials, state = _search_trials(out)
             done = [t for t in trials if t.state == state.COMPLETE]
-            return len(done) == 2 and any(t.state == state.RUNNING for t in trials)
+            return 2 <= len(done) <= 3 and any(t.state == state.RUNNING for t in trials)
 
         _wait(two_done_one_running, 180, "two complete trials and a running one")
         os.killpg(proc.pid, signal.SIGKILL)
@@ -301,7 +301,7 @@ def test_sigkill_then_resume(tmp_path):
     before, state = _search_trials(out)
     finished = {t.number: (t.params, t.datetime_complete) for t in before if t.state == state.COMPLETE}
     killed = [t for t in before if t.state == state.RUNNING]
-    assert len(killed) == 1 and len(finished) in (2, 3)
+    assert len(killed) == 1 and len(finished) in (2, 3, 4)
 
     resumed = subprocess.run([*argv, "--resume"], env=_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
@@ -314,9 +314,9 @@ def test_sigkill_then_resume(tmp_path):
     retry = [t for t in after if t.system_attrs.get("failed_trial") == killed[0].number]
     assert len(retry) == 1 and retry[0].state == state.COMPLETE and retry[0].params == killed[0].params
     complete = [t for t in after if t.state == state.COMPLETE]
-    assert len(complete) == 4
+    assert len(complete) == 5
     results = json.loads((out / "results.json").read_text())
-    assert results["complete"] and results["optimizers"]["sgd"]["cells"][0]["trials"] == 4
+    assert results["complete"] and results["optimizers"]["sgd"]["cells"][0]["trials"] == 5
 
 
 def test_two_workers_share_one_storage(tmp_path):

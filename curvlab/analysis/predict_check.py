@@ -17,7 +17,6 @@ Per optimizer that both hold, with the sweep's fitted ``B_crit`` (``results.json
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -33,28 +32,16 @@ SCALE_PREDICTORS = ("b_simple", "b_noise")
 def load_prediction(path: str | os.PathLike) -> dict[str, Any]:
     """A prediction file written by ``curvlab predict`` (size-bounded; one-line errors)."""
     from curvlab.analysis.predict_run import FORMAT, FORMAT_VERSION
+    from curvlab.io.jsonfile import read_json_file
 
     path = os.fspath(path)
-    try:
-        size = os.path.getsize(path)
-        if size > MAX_PREDICTION_BYTES:
-            raise CurvlabError(f"{path}: {size} bytes, more than a prediction ({MAX_PREDICTION_BYTES})")
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f, parse_constant=_refuse_constant)
-    except OSError as exc:
-        raise CurvlabError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CurvlabError(f"{path}: not JSON ({exc})") from None
+    data = read_json_file(path, max_bytes=MAX_PREDICTION_BYTES, what="a prediction")
     if not isinstance(data, dict) or (data.get("format"), data.get("format_version")) != (
         FORMAT,
         FORMAT_VERSION,
     ):
         raise CurvlabError(f"{path}: not a curvlab prediction file (format {FORMAT} {FORMAT_VERSION})")
     return data
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"non-finite number {name}")
 
 
 def _log2_error(predicted: float | None, measured: float | None) -> float | None:

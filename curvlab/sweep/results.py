@@ -136,25 +136,14 @@ def measured_curve(results: Mapping[str, Any], optimizer: str) -> tuple[list[int
 
 def load_results(path: str | os.PathLike) -> dict[str, Any]:
     """Read a ``results.json`` written by ``curvlab sweep`` (size-bounded; one-line errors)."""
+    from curvlab.io.jsonfile import read_json_file
+
     path = os.fspath(path)
-    try:
-        size = os.path.getsize(path)
-        if size > MAX_RESULTS_BYTES:
-            raise CurvlabError(f"{path}: {size} bytes, more than a sweep's results ({MAX_RESULTS_BYTES})")
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f, parse_constant=_refuse_constant)
-    except OSError as exc:
-        raise CurvlabError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CurvlabError(f"{path}: not JSON ({exc})") from None
+    data = read_json_file(path, max_bytes=MAX_RESULTS_BYTES, what="a sweep's results")
     if not isinstance(data, dict) or (data.get("format"),
                                       data.get("format_version")) != (FORMAT, FORMAT_VERSION):
         raise CurvlabError(f"{path}: not a curvlab sweep results file (format {FORMAT} {FORMAT_VERSION})")
     return data
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"non-finite number {name}")
 
 
 def write_results(path: str, results: Mapping[str, Any]) -> None:
