@@ -173,7 +173,10 @@ def make_sampler(names: Sequence[str], seed: int):
         def sample_independent(self, study, trial, param_name, param_distribution):
             if param_name not in self.names or not isinstance(param_distribution, FloatDistribution):
                 return self._fallback.sample_independent(study, trial, param_name, param_distribution)
-            u = sobol_point(len(self.names), trial.number, self.seed)[self.names.index(param_name)]
+            # a retry of a killed trial (Optuna's heartbeat callback records the first one's number as
+            # "failed_trial") draws what the killed trial had not yet recorded from that trial's point
+            number = int(trial.system_attrs.get("failed_trial", trial.number))
+            u = sobol_point(len(self.names), number, self.seed)[self.names.index(param_name)]
             low, high = param_distribution.low, param_distribution.high
             if param_distribution.log:
                 value = math.exp(math.log(low) + u * (math.log(high) - math.log(low)))
