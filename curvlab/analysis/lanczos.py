@@ -129,20 +129,19 @@ def extreme_eigenpairs(
     state = _Krylov(matvec, start)
     while True:
         state.extend(min(max(k + 1, check_every) if state.steps == 0 else check_every, limit - state.steps))
-        theta, s = state.run.ritz()
+        run = state.tridiagonal()
+        theta, s = run.ritz()
         order = np.argsort(-theta) if which == "largest" else np.argsort(theta)
         chosen = order[: min(k, len(theta))]
-        residual = np.abs(state.run.beta[-1] * s[-1, chosen])
-        if state.run.exhausted:
+        residual = np.abs(run.beta[-1] * s[-1, chosen])
+        if run.exhausted:
             residual = np.zeros_like(residual)
         scale = max(float(np.abs(theta).max()), 1e-300)
         done = len(chosen) == k and bool((residual <= tol * scale).all())
-        if done or state.run.exhausted or state.steps >= limit:
+        if done or run.exhausted or state.steps >= limit:
             break
-    ritz_vectors = state.run.basis @ torch.as_tensor(s[:, chosen]) if vectors else None
-    return Eigenpairs(
-        theta[chosen], ritz_vectors, residual, done or state.run.exhausted, state.run.matvecs, state.steps
-    )
+    ritz_vectors = state.combine(s[:, chosen]) if vectors else None
+    return Eigenpairs(theta[chosen], ritz_vectors, residual, done or run.exhausted, run.matvecs, state.steps)
 
 
 class _Krylov:
@@ -178,9 +177,13 @@ class _Krylov:
                 raise OptionError("the operator returned non-finite values during Lanczos")
             a = float(q @ w)
             self.alpha.append(a)
-            basis = torch.stack(self.vectors, dim=1)
+            # classical Gram-Schmidt against the whole basis, twice ("twice is enough"), one vector at a
+            # time: no D × m copy of the basis per step (a 23M-parameter model's basis is GBs)
+            w = w.clone()
             for _ in range(2):
-                w = w - basis @ (basis.T @ w)
+                coefficients = [float(v @ w) for v in self.vectors]
+                for v, c in zip(self.vectors, coefficients, strict=True):
+                    w.sub_(v, alpha=c)
             b = float(torch.linalg.norm(w))
             self.beta.append(b)
             self.scale = max(self.scale, abs(a) + b)
@@ -188,6 +191,19 @@ class _Krylov:
                 self.exhausted = True
                 break
             self.vectors.append(w / b)
+
+    def tridiagonal(self) -> LanczosRun:
+        """``T_m`` and the counts, without the basis (nothing of size ``D`` copied)."""
+        return LanczosRun(np.array(self.alpha), np.array(self.beta), None, self.matvecs, self.exhausted)
+
+    def combine(self, coefficients: np.ndarray) -> Tensor:
+        """``Q_m C`` for ``C`` (``m × j``), one basis vector at a time."""
+        first = self.vectors[0]
+        c = torch.as_tensor(coefficients, dtype=torch.float64, device=first.device)
+        out = torch.zeros(first.shape[0], c.shape[1], dtype=torch.float64, device=first.device)
+        for i in range(c.shape[0]):
+            out += self.vectors[i][:, None] * c[i][None, :]
+        return out
 
     @property
     def run(self) -> LanczosRun:
@@ -274,7 +290,7 @@ def slq(
         v = torch.randn(dim, generator=gen, dtype=torch.float64)
         state = _Krylov(matvec, v)
         state.extend(k)
-        run = state.run
+        run = state.tridiagonal()
         theta, s = run.ritz()
         nodes.append(theta)
         weights.append(s[0] ** 2 / (s[0] ** 2).sum())
