@@ -1,5 +1,9 @@
 """Per-example gradients in the Kronecker-factored eigenbasis: mean, variance and curvature (seed E.2).
 
+(One concept at about 600 lines: the projection of every entry kind — dense, tied, attention rows,
+norm blocks — with its sums; the basis is :mod:`curvlab.analysis.basis`, a command run
+:mod:`curvlab.analysis.gradcov_run`.)
+
 For a layer with K-FAC factors ``A = Q_A diag(λ_A) Q_A^T`` and ``S = Q_S diag(λ_S) Q_S^T``, direction
 ``(i, j)`` is the weight perturbation ``Q_S[:, i] Q_A[:, j]^T`` with K-FAC eigenvalue ``λ_S[i] λ_A[j]``
 (design.md, "Kronecker-factored eigenbasis"). The per-example coefficient along it is

@@ -125,22 +125,12 @@ def write_ekfac(
         g.attrs["complete"] = np.bool_(True)
 
 
-def _scalar(value: Any) -> Any:
-    if isinstance(value, np.ndarray) and value.size == 1:
-        value = value.reshape(()).item()
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    return value
-
-
 def is_ekfac_file(path: str) -> bool:
     """Whether ``path`` is an HDF5 file whose root says ``format = "curvlab.ekfac"``."""
     try:
         f, _ = hdf5.open_file(path, CheckpointError)
         with f:
-            return "format" in f.attrs and _scalar(_attr(f.attrs, "format")) == EKFAC_FORMAT
+            return "format" in f.attrs and hdf5.scalar(_attr(f.attrs, "format")) == EKFAC_FORMAT
     except (CurvlabError, OSError, ValueError, KeyError, RuntimeError):
         return False
 
@@ -200,10 +190,10 @@ def read_ekfac(path: str, step: int | str = "latest") -> EKFACStep:
     f, budget = hdf5.open_file(path, CheckpointError)
     with f:
         try:
-            fmt = _scalar(_attr(f.attrs, "format"))
+            fmt = hdf5.scalar(_attr(f.attrs, "format"))
             if fmt != EKFAC_FORMAT:
                 raise CheckpointError(f"{path}: not an EKFAC file (format {fmt!r})")
-            version = _scalar(_attr(f.attrs, "format_version"))
+            version = hdf5.scalar(_attr(f.attrs, "format_version"))
             if not isinstance(version, int) or not 1 <= version <= EKFAC_FORMAT_VERSION:
                 raise CheckpointError(f"{path}: unsupported format_version {version!r}")
             steps = _member(f, "steps", path)
@@ -212,7 +202,7 @@ def read_ekfac(path: str, step: int | str = "latest") -> EKFACStep:
             groups = {k: _member(steps, k, where(path, k)) for k in steps if k.isdigit()}
             complete = sorted(
                 int(k) for k, g in groups.items()
-                if isinstance(g, h5py.Group) and bool(_scalar(_attr(g.attrs, "complete", False)))
+                if isinstance(g, h5py.Group) and bool(hdf5.scalar(_attr(g.attrs, "complete", False)))
             )
             if not complete:
                 raise CheckpointError(f"{path}: holds no complete step")
@@ -229,9 +219,9 @@ def read_ekfac(path: str, step: int | str = "latest") -> EKFACStep:
                 h = _member(layer_group, name, at)
                 if not isinstance(h, h5py.Group):
                     raise CheckpointError(f"{at}: is not a group")
-                module_type = str(_scalar(_attr(h.attrs, "module_type")))
+                module_type = str(hdf5.scalar(_attr(h.attrs, "module_type")))
                 weight_shape = tuple(int(v) for v in np.asarray(_attr(h.attrs, "weight_shape")).ravel())
-                has_bias = bool(_scalar(_attr(h.attrs, "has_bias")))
+                has_bias = bool(hdf5.scalar(_attr(h.attrs, "has_bias")))
                 try:
                     n, m = expected_factor_sizes(module_type, weight_shape, has_bias)
                 except CheckpointError as exc:
@@ -260,8 +250,8 @@ def read_ekfac(path: str, step: int | str = "latest") -> EKFACStep:
                 )
             return EKFACStep(
                 chosen,
-                str(_scalar(_attr(g.attrs, "fisher_type", ""))),
-                int(_scalar(_attr(g.attrs, "num_examples", 0))),
+                str(hdf5.scalar(_attr(g.attrs, "fisher_type", ""))),
+                int(hdf5.scalar(_attr(g.attrs, "num_examples", 0))),
                 layers,
             )
         except (KeyError, OSError, RuntimeError, ValueError, TypeError) as exc:

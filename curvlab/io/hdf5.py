@@ -243,6 +243,21 @@ def attribute(attrs: h5py.AttributeManager, key: str, error: type[CurvlabError])
     return attrs[key]
 
 
+def scalar(value: Any) -> Any:
+    """An attribute as a Python scalar: size-1 arrays unwrapped, numpy scalars converted, bytes decoded
+    as UTF-8 (kept as bytes when they are not UTF-8, so that a check refuses them by type)."""
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(()).item()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    return value
+
+
 def declared_bytes(ds: h5py.Dataset) -> int:
     """Bytes the dataset's shape and dtype declare (an exact Python int: no overflow)."""
     return math.prod(int(n) for n in ds.shape) * ds.dtype.itemsize if ds.shape is not None else 0

@@ -1,5 +1,9 @@
 """The K-FAC optimizer (Martens & Grosse 2015; Grosse & Martens 2016; Ba et al. 2017; seed eqs. 13-16).
 
+(One concept at about 600 lines: the optimizer's step — running factors, their inverses, the damped
+preconditioning of every entry kind, the learning-rate rescaling and its state for resumes — which
+reads best in one place; :class:`curvlab.analysis.operators.KFACOperator` reuses its damping rule.)
+
 For every layer with Kronecker factors (:func:`curvlab.capture.factors.select_layers`: Linear,
 Conv1d/2d/3d, Embedding, a tied embedding / pre-softmax weight, the four projections of a
 MultiheadAttention) the gradient of the training loss, as the ``m × n`` matrix ``G`` of design.md (bias

@@ -382,14 +382,7 @@ def spectrum_of_factors(
 def _attr(attrs: h5py.AttributeManager, key: str) -> Any:
     if key not in attrs:
         raise CheckpointError(f"missing attribute {key}")
-    value = hdf5.attribute(attrs, key, CheckpointError)
-    if isinstance(value, np.ndarray) and value.size == 1:
-        value = value.reshape(()).item()
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    return value
+    return hdf5.scalar(hdf5.attribute(attrs, key, CheckpointError))
 
 
 def _located_attr(attrs: h5py.AttributeManager, key: str, path: str, step: object = None) -> Any:

@@ -73,20 +73,6 @@ def _h5_errors(path: object = None, step: object = None, layer: object = None) -
         raise _error(f"cannot read HDF5 data ({_one_line(str(exc))})", path, step, layer) from exc
 
 
-def _scalar(value: object) -> object:
-    """An attribute as a Python scalar (size-1 arrays unwrapped, bytes decoded)."""
-    if isinstance(value, np.ndarray) and value.size == 1:
-        value = value.reshape(()).item()
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, bytes):
-        try:
-            value = value.decode("utf-8")
-        except UnicodeDecodeError:
-            pass
-    return value
-
-
 def _attr(attrs: h5py.AttributeManager, key: str) -> Any:
     """An attribute, read after its declared size is checked (:func:`curvlab.io.hdf5.attribute`)."""
     if key not in attrs:
@@ -95,14 +81,14 @@ def _attr(attrs: h5py.AttributeManager, key: str) -> Any:
 
 
 def _attr_int(attrs: h5py.AttributeManager, key: str) -> int:
-    value = _scalar(_attr(attrs, key))
+    value = hdf5.scalar(_attr(attrs, key))
     if isinstance(value, bool) or not isinstance(value, int):
         raise CheckpointError(f"attribute {key} is {value!r}, not an integer")
     return value
 
 
 def _attr_str(attrs: h5py.AttributeManager, key: str) -> str:
-    value = _scalar(_attr(attrs, key))
+    value = hdf5.scalar(_attr(attrs, key))
     if not isinstance(value, str):
         raise CheckpointError(f"attribute {key} is {value!r}, not a string")
     return value
@@ -110,7 +96,7 @@ def _attr_str(attrs: h5py.AttributeManager, key: str) -> str:
 
 def _attr_bool(attrs: h5py.AttributeManager, key: str) -> bool:
     """A bool attribute: h5py's bool enum, or an integer 0/1 from writers without one."""
-    value = _scalar(_attr(attrs, key))
+    value = hdf5.scalar(_attr(attrs, key))
     if isinstance(value, bool):
         return value
     if isinstance(value, int) and value in (0, 1):
@@ -129,7 +115,7 @@ def _extra_value(key: str, value: object) -> Any:
         if value.dtype.kind == "f" and not np.isfinite(value).all():
             raise CheckpointError(f"step attribute {key} holds non-finite values (NaN or inf)")
         return value
-    value = _scalar(value)
+    value = hdf5.scalar(value)
     if isinstance(value, float) and not np.isfinite(value):
         raise CheckpointError(f"step attribute {key} is {value} (not finite)")
     if not isinstance(value, (bool, int, float, str, bytes)):
@@ -433,7 +419,7 @@ def _check_root(f: h5py.File, path: str) -> int:
     """The root attributes: ``format == FORMAT`` and ``format_version`` this code can read."""
     if "format" not in f.attrs:
         raise _error("not a curvlab checkpoint: root attribute format is missing", path)
-    fmt = _scalar(_attr(f.attrs, "format"))
+    fmt = hdf5.scalar(_attr(f.attrs, "format"))
     if fmt != FORMAT:
         raise _error(f"not a curvlab checkpoint: format is {fmt!r}, expected {FORMAT!r}", path)
     try:
